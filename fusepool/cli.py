@@ -1,0 +1,391 @@
+"""The ``fusepool`` command: one function per subcommand over library calls.
+
+Pool commands go to the mount daemon through the control socket when the pool
+is mounted, and open the pool directly (under its lock) when it is not; both
+paths run the same code in :mod:`fusepool.commands`.  Errors print one line on
+stderr and exit 1 (operation failed) or 2 (usage error).  Heavy modules
+(trio, pyfuse3, the engine) are imported only by the commands that need them,
+so short commands start fast.
+"""
+
+import argparse
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from fusepool import __version__, control
+from fusepool.errors import NotMounted, PoolError, UsageError
+from fusepool.units import human_size, parse_percent, parse_size
+
+log = logging.getLogger("fusepool")
+
+
+# --- routing: daemon or direct --------------------------------------------------------
+
+def pool_call(pool_dir: str, op: str, args: dict | None = None):
+    """Run a pool command online (through the daemon) or offline (directly)."""
+    from fusepool.config import PoolConfig
+
+    pool_dir = os.path.abspath(pool_dir)
+    PoolConfig.load(pool_dir)  # a clear "not a pool" before anything else
+    try:
+        return control.request(pool_dir, op, args or {})
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass  # no daemon: open the pool ourselves
+    from fusepool import commands
+    from fusepool.pool import Pool
+
+    with Pool.open(pool_dir) as pool:
+        return commands.run(pool, op, args or {})
+
+
+def daemon_status(pool_dir: str) -> dict | None:
+    try:
+        return control.request(pool_dir, "status", timeout=5)
+    except (OSError, PoolError):
+        return None
+
+
+def emit_json(value) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+# --- subcommands ----------------------------------------------------------------------------
+
+def cmd_init(a) -> None:
+    from fusepool.pool import Pool
+
+    block_size = parse_size(a.block_size)
+    Pool.create(a.pool, data_size=parse_size(a.data_size), metadata_size=parse_size(a.metadata_size),
+                block_size=block_size, base_size=parse_size(a.base_size),
+                min_free_space=parse_percent(a.min_free_space),
+                skip_block_zeroing=a.skip_block_zeroing)
+    print(f"created pool {os.path.abspath(a.pool)} (block size {human_size(block_size)}, "
+          f"data {human_size(parse_size(a.data_size))})")
+
+
+def cmd_mount(a) -> None:
+    pool_dir = os.path.abspath(a.pool)
+    mountpoint = os.path.abspath(a.mountpoint)
+    from fusepool.config import PoolConfig
+
+    PoolConfig.load(pool_dir)
+    running = daemon_status(pool_dir)
+    if running:
+        raise PoolError(f"pool {pool_dir} is already mounted at {running['mountpoint']} "
+                        f"(pid {running['pid']})")
+    if a.foreground:
+        return run_foreground(pool_dir, mountpoint, a)
+    # Background: start the daemon as a fresh process and wait until it says it is ready.
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if a.debug else []) + [
+        "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
+        "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else [])
+    log_path = os.path.join(pool_dir, "fusepool.log")
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                pass_fds=(write_fd,), start_new_session=True, cwd="/")
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        message = ready.read().decode(errors="replace").strip()
+    if message == "ready":
+        return
+    proc.wait(timeout=30)
+    if not message:
+        message = f"the mount daemon exited with status {proc.returncode}; see {log_path}"
+    raise PoolError(message.removeprefix("error: "))
+
+
+def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
+    from fusepool.mount import serve
+
+    ready_file = os.fdopen(a.ready_fd, "w") if a.ready_fd is not None else None
+
+    def on_ready():
+        log.info("mounted %s on %s (pid %d)", pool_dir, mountpoint, os.getpid())
+        if ready_file:
+            ready_file.write("ready\n")
+            ready_file.close()
+
+    try:
+        serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other)
+    except PoolError as exc:
+        if ready_file and not ready_file.closed:
+            ready_file.write(f"error: {exc}\n")
+            ready_file.close()
+        raise
+
+
+def cmd_umount(a) -> None:
+    mountpoint = os.path.abspath(a.mountpoint)
+    try:
+        info = json.loads(os.getxattr(mountpoint, "user.fusepool"))
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            from fusepool.mount import lazy_unmount
+
+            lazy_unmount(mountpoint)
+            print(f"cleared the stale mount at {mountpoint} (its daemon had died)")
+            return
+        if exc.errno == errno.ENOENT:
+            raise NotMounted(f"{mountpoint}: no such directory") from None
+        raise NotMounted(f"{mountpoint} is not a fusepool mount") from None
+    reply = control.request(info["pool"], "unmount", {"force": a.force})
+    pid = reply["pid"]
+    deadline = time.monotonic() + a.timeout
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            raise PoolError(f"the mount daemon (pid {pid}) has not exited after {a.timeout:g} s")
+        try:  # reap it if it happens to be our child (tests), harmless otherwise
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+
+
+def cmd_create(a) -> None:
+    size = parse_size(a.size) if a.size is not None else None
+    dev = pool_call(a.pool, "create", {"name": a.name, "size": size})
+    print(f"created volume {dev['name']} (device id {dev['dev_id']}, {human_size(dev['size'])})")
+
+
+def cmd_snapshot(a) -> None:
+    dev = pool_call(a.pool, "snapshot", {"origin": a.origin, "name": a.name})
+    print(f"created snapshot {dev['name']} of {a.origin} (device id {dev['dev_id']})")
+
+
+def cmd_remove(a) -> None:
+    res = pool_call(a.pool, "remove", {"name": a.name})
+    note = " (deferred: still open; freed at last close)" if res["deferred"] else ""
+    print(f"removed volume {a.name}{note}")
+
+
+def cmd_resize(a) -> None:
+    text = a.size
+    relative = text.startswith("+")
+    if text.startswith("-"):
+        raise UsageError("volumes cannot shrink")
+    size = parse_size(text.lstrip("+"))
+    dev = pool_call(a.pool, "resize", {"name": a.name, "size": size, "relative": relative})
+    print(f"volume {dev['name']} is now {dev['size']} bytes ({human_size(dev['size'])})")
+
+
+def cmd_list(a) -> None:
+    vols = pool_call(a.pool, "list")
+    if a.json:
+        return emit_json(vols)
+    rows = [("NAME", "DEV_ID", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "ORIGIN")]
+    for v in vols:
+        bs = v["mapped_bytes"] // v["mapped_blocks"] if v["mapped_blocks"] else 0
+        rows.append((v["name"], str(v["dev_id"]), human_size(v["size"]), human_size(v["mapped_bytes"]),
+                     human_size(v["exclusive_blocks"] * bs), human_size(v["shared_blocks"] * bs),
+                     v["origin"] or "-"))
+    print_table(rows)
+
+
+def print_table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_info(a) -> None:
+    st = pool_call(a.pool, "info")
+    status = daemon_status(os.path.abspath(a.pool))
+    st["mounted"] = status["mountpoint"] if status else None
+    if a.json:
+        return emit_json(st)
+    print(format_info(st))
+
+
+def format_info(st: dict) -> str:
+    """Docker's devicemapper ``docker info`` block, same names and size format."""
+    lines = [
+        ("Pool Name", st["pool_name"]),
+        ("Pool Blocksize", human_size(st["block_size"])),
+        ("Base Device Size", human_size(st["base_size"])),
+        ("Backing Filesystem", st["backing_filesystem"]),
+        ("Data file", st["data_file"]),
+        ("Metadata file", st["metadata_file"]),
+        ("Data Space Used", human_size(st["data_space_used"])),
+        ("Data Space Total", human_size(st["data_space_total"])),
+        ("Data Space Available", human_size(st["data_space_available"])),
+        ("Metadata Space Used", human_size(st["metadata_space_used"])),
+        ("Metadata Space Total", human_size(st["metadata_space_total"])),
+        ("Metadata Space Available", human_size(st["metadata_space_available"])),
+        ("Thin Pool Minimum Free Space", human_size(st["min_free_space"])),
+        ("Deferred Removal Enabled", "true"),
+        ("Deferred Deletion Enabled", "true"),
+        ("Deferred Deleted Device Count", str(st["deferred_deleted_device_count"])),
+        ("Library Version", st["library_version"]),
+        ("Storage Mode", st["mode"]),
+        ("Volumes", str(st["volume_count"])),
+        ("Mounted At", st.get("mounted") or "-"),
+    ]
+    if st.get("read_only"):
+        lines.append(("Read Only", st["read_only"]))
+    return "Storage Driver: fusepool\n" + "\n".join(f" {k}: {v}" for k, v in lines)
+
+
+def cmd_inspect(a) -> None:
+    emit_json(pool_call(a.pool, "inspect", {"name": a.name}))
+
+
+def cmd_map(a) -> None:
+    extents = pool_call(a.pool, "map", {"name": a.name})
+    if a.json:
+        return emit_json(extents)
+    rows = [("OFFSET", "LENGTH", "VIRTUAL_BLOCK", "DATA_BLOCK", "BLOCKS", "STATE")]
+    for e in extents:
+        rows.append((str(e["offset"]), str(e["length"]), str(e["virtual_block"]), str(e["data_block"]),
+                     str(e["blocks"]), "shared" if e["shared"] else "exclusive"))
+    print_table(rows)
+
+
+def cmd_discard(a) -> None:
+    res = pool_call(a.pool, "discard", {"name": a.name, "offset": parse_size(a.offset),
+                                        "length": parse_size(a.length)})
+    print(f"unmapped {res['unmapped_blocks']} block(s) of {a.name}")
+
+
+def cmd_extend(a) -> None:
+    if a.data_size is None and a.metadata_size is None:
+        raise UsageError("nothing to extend: give --data-size and/or --metadata-size")
+    st = pool_call(a.pool, "extend", {
+        "data_size": parse_size(a.data_size) if a.data_size else None,
+        "metadata_size": parse_size(a.metadata_size) if a.metadata_size else None})
+    print(f"data space {human_size(st['data_space_total'])}, "
+          f"metadata space {human_size(st['metadata_space_total'])}")
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"fusepool: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="fusepool", description="A thin pool in user space: dm-thin style thin volumes "
+               "and snapshots as sparse files in a FUSE mount.")
+    p.add_argument("--version", action="version", version=f"fusepool {__version__}")
+    p.add_argument("--debug", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    def add(name, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("init", cmd_init, "create a new pool directory")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("--data-size", default="100G", metavar="SIZE", help="data space (default 100G)")
+    sp.add_argument("--metadata-size", default="2G", metavar="SIZE", help="metadata space (default 2G)")
+    sp.add_argument("--block-size", default="64K", metavar="SIZE",
+                    help="pool block size: a multiple of 64K up to 1G (default 64K)")
+    sp.add_argument("--base-size", default="10G", metavar="SIZE",
+                    help="default size of new volumes (default 10G)")
+    sp.add_argument("--min-free-space", default="10%", metavar="PERCENT",
+                    help="refuse new volumes/snapshots below this free space (default 10%%)")
+    sp.add_argument("--skip-block-zeroing", action="store_true",
+                    help="do not zero new blocks on partial writes (stale data may show)")
+
+    sp = add("mount", cmd_mount, "mount a pool: each volume becomes MOUNTPOINT/NAME")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--foreground", action="store_true", help="serve in this process")
+    sp.add_argument("--commit-period", type=positive_float, default=1.0, metavar="SECONDS",
+                    help="commit metadata at least this often when changed (default 1)")
+    sp.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    sp = add("umount", cmd_umount, "commit, unmount and wait for the daemon to exit")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--force", action="store_true", help="unmount even with volumes open")
+    sp.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS")
+
+    sp = add("create", cmd_create, "create a thin volume")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--size", metavar="SIZE", help="virtual size (default: the pool's base size)")
+
+    sp = add("snapshot", cmd_snapshot, "create a writable snapshot of a volume")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("origin", metavar="ORIGIN")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = add("remove", cmd_remove, "remove a volume (deferred while it is open)")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = add("resize", cmd_resize, "grow a volume to SIZE or by +SIZE")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("size", metavar="SIZE|+SIZE")
+
+    sp = add("list", cmd_list, "list volumes")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("info", cmd_info, "pool statistics, as `docker info` prints them")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("--json", action="store_true", help="exact byte counts")
+
+    sp = add("inspect", cmd_inspect, "one volume, as Docker's GraphDriver JSON")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+
+    sp = add("map", cmd_map, "mapped extents of a volume, shared or exclusive")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("discard", cmd_discard, "unmap the whole blocks inside a byte range")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("offset", metavar="OFFSET")
+    sp.add_argument("length", metavar="LENGTH")
+
+    sp = add("extend", cmd_extend, "grow the pool's data and/or metadata space")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("--data-size", metavar="SIZE")
+    sp.add_argument("--metadata-size", metavar="SIZE")
+    return p
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+                        if args.command == "mount" else "fusepool: %(message)s")
+    if args.command != "mount":
+        logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        args.func(args)
+    except PoolError as exc:
+        print(f"fusepool: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"fusepool: error: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
+    return 0

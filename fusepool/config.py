@@ -1,0 +1,89 @@
+"""The pool directory: file names, the config file and the exclusive lock.
+
+Layout (Docker's loop-lvm names where it costs nothing)::
+
+    POOL/data           the data image (block N at N * block_size)
+    POOL/metadata       the metadata file (see fusepool.metadata.format)
+    POOL/pool.json      settings fixed at init or changed by commands
+    POOL/lock           flock()ed by whoever has the pool open (daemon or command)
+    POOL/control.sock   the mount daemon's control socket, while mounted
+    POOL/fusepool.log   the mount daemon's log when it runs in the background
+"""
+
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from fusepool.errors import NotAPool, PoolBusy
+
+DATA, METADATA, CONFIG, LOCK, SOCKET, LOG = (
+    "data", "metadata", "pool.json", "lock", "control.sock", "fusepool.log")
+
+
+@dataclass
+class PoolConfig:
+    """Settings in ``pool.json``; each is what the matching ``init`` option set."""
+
+    uuid: str
+    block_size: int  # bytes, a multiple of 64 KiB; fixed for the life of the pool
+    base_size: int = 10 << 30  # default virtual size of new volumes (Docker's dm.basesize)
+    min_free_space: float = 10.0  # percent (Docker's dm.min_free_space)
+    skip_block_zeroing: bool = False  # dm-thin's skip_block_zeroing feature
+    mode: str = "loop"
+    version: int = 1
+
+    @classmethod
+    def load(cls, pool_dir: str) -> "PoolConfig":
+        path = os.path.join(pool_dir, CONFIG)
+        if not os.path.isdir(pool_dir):
+            raise NotAPool(f"{pool_dir}: no such pool directory")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+        except FileNotFoundError:
+            raise NotAPool(f"{pool_dir} is not a fusepool pool (no {CONFIG}; create one with "
+                           f"`fusepool init {pool_dir}`)") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise NotAPool(f"{path}: unreadable pool config ({exc})") from None
+
+    def save(self, pool_dir: str) -> None:
+        write_atomic(os.path.join(pool_dir, CONFIG), json.dumps(asdict(self), indent=2) + "\n")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """temp file + fsync + rename + fsync of the directory."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class PoolLock:
+    """An exclusive flock on ``POOL/lock``; the holder's pid is written into it."""
+
+    def __init__(self, pool_dir: str):
+        self.path = os.path.join(pool_dir, LOCK)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise PoolBusy(f"pool {pool_dir} is busy: it is open by pid {holder}") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = -1

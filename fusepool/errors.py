@@ -1,0 +1,81 @@
+"""Domain errors raised by the engine.
+
+Every error a user can cause or meet is a :class:`PoolError` subclass carrying
+an errno (what the FUSE adapter returns to the kernel) and an exit status (what
+the CLI returns: 1 when an operation fails, 2 for a usage error).  Adapters map
+these in one place each; nothing else should escape the engine.
+"""
+
+import errno
+
+
+class PoolError(Exception):
+    """Base class: an operation on the pool failed; the message says why."""
+
+    errno = errno.EIO
+    exit_status = 1
+
+
+class UsageError(PoolError):
+    """The request itself is malformed (bad size, bad name, bad option)."""
+
+    errno = errno.EINVAL
+    exit_status = 2
+
+
+class InvalidArgument(PoolError):
+    """The request is well-formed but not allowed (e.g. shrinking a volume)."""
+
+    errno = errno.EINVAL
+
+
+class NoSuchVolume(PoolError):
+    errno = errno.ENOENT
+
+
+class VolumeExists(PoolError):
+    errno = errno.EEXIST
+
+
+class NotAPool(PoolError):
+    errno = errno.ENOENT
+
+
+class PoolBusy(PoolError):
+    """Another process holds the pool (a mount daemon or another command)."""
+
+    errno = errno.EBUSY
+
+
+class PoolFull(PoolError):
+    """No free data block for an allocating write (dm-thin: out of data space)."""
+
+    errno = errno.ENOSPC
+
+
+class MetadataFull(PoolError):
+    """No room left in the metadata file for the running transaction."""
+
+    errno = errno.ENOSPC
+
+
+class BelowMinFreeSpace(PoolError):
+    """Creating a volume/snapshot would dip under the minimum free space."""
+
+    errno = errno.ENOSPC
+
+
+class ReadOnlyPool(PoolError):
+    """The pool stopped accepting changes (metadata full or an I/O error)."""
+
+    errno = errno.EROFS
+
+
+class Corrupt(PoolError):
+    """Metadata failed a checksum or an invariant: never used silently."""
+
+    errno = errno.EIO
+
+
+class NotMounted(PoolError):
+    errno = errno.EINVAL

@@ -1,0 +1,243 @@
+"""The FUSE filesystem: a thin adapter from pyfuse3 requests to Pool calls.
+
+One directory (the mount root) holds one regular file per visible volume.
+Inode numbers derive from device ids, so they are stable across mounts and
+need no table; file handles map to device ids.  Storage logic lives in
+:class:`fusepool.pool.Pool`; this module only translates, and turns engine
+errors into errnos in one place (:func:`fuse_errors`).
+"""
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from fusepool.errors import PoolError
+from fusepool.metadata.format import MAX_DEV_ID
+from fusepool.pool import Pool
+
+log = logging.getLogger(__name__)
+
+INODE_BASE = 16  # inode = dev_id + INODE_BASE; the root is inode 1
+XATTR_INFO = b"user.fusepool"  # on the root: which pool and daemon serve this mount
+ATTR_TIMEOUT = 1.0  # the kernel re-fetches size/blocks itself after every write
+
+
+def fuse_errors(handler):
+    """The error boundary: engine errors become errnos; anything else is EIO.
+
+    An exception escaping a pyfuse3 handler would kill the mount, so
+    unexpected ones are logged with their traceback and reported as EIO.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(self, *args):
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except PoolError as exc:
+            log.debug("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s: I/O error: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s; the pool should be checked", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class FusepoolOperations(pyfuse3.Operations):
+    def __init__(self, pool: Pool):
+        super().__init__()
+        self.pool = pool
+        self.handles: dict[int, int] = {}  # fh -> dev_id
+        self.next_fh = 1
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    # --- attributes --------------------------------------------------------------
+
+    def _volume_attrs(self, dev_id: int) -> pyfuse3.EntryAttributes:
+        dev = self.pool.device(dev_id)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = dev_id + INODE_BASE
+        attr.generation = int(dev.created)
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = stat.S_IFREG | 0o644
+        attr.st_nlink = 0 if dev.deleted else 1
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_size = dev.size
+        attr.st_blksize = self.pool.block_size
+        attr.st_blocks = dev.mapped_blocks * (self.pool.block_size // 512)
+        attr.st_mtime_ns = attr.st_ctime_ns = int(dev.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns
+        attr.st_birthtime_ns = int(dev.created * 1e9)
+        return attr
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.ROOT_INODE
+        attr.entry_timeout = attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = stat.S_IFDIR | 0o755
+        attr.st_nlink = 2
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_blksize = self.pool.block_size
+        return attr
+
+    def _dev_id(self, inode: int) -> int:
+        dev_id = inode - INODE_BASE
+        if dev_id not in self.pool.devices:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return dev_id
+
+    def _name(self, name: bytes) -> str:
+        return os.fsdecode(name)
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        if inode == pyfuse3.ROOT_INODE:
+            return self._root_attrs()
+        return self._volume_attrs(self._dev_id(inode))
+
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._root_attrs()
+        dev_id = self.pool.names.get(self._name(name))
+        if dev_id is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._volume_attrs(dev_id)
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        dev_id = self._dev_id(inode)
+        dev = self.pool.device(dev_id)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)  # volumes have fixed owner and mode
+        if fields.update_size and attr.st_size != dev.size:
+            if attr.st_size < dev.size:
+                log.info("refused to shrink volume %s", dev.name)
+                raise pyfuse3.FUSEError(errno.EPERM)
+            self.pool.resize(dev.name, attr.st_size)
+        if fields.update_mtime:
+            dev.mtime = attr.st_mtime_ns / 1e9
+        return self._volume_attrs(dev_id)
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        st = self.pool.stats()
+        bs = self.pool.block_size
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = bs
+        out.f_blocks = st["data_blocks_total"]
+        out.f_bfree = st["data_blocks_free"]
+        out.f_bavail = min(st["data_blocks_free"], st["host_free_bytes"] // bs)
+        out.f_files = MAX_DEV_ID
+        out.f_ffree = out.f_favail = MAX_DEV_ID - len(self.pool.devices)
+        out.f_namemax = 255
+        return out
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_INFO:
+            return json.dumps({"pool": self.pool.path, "pid": os.getpid()}).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @fuse_errors
+    async def listxattr(self, inode, ctx):
+        return [XATTR_INFO] if inode == pyfuse3.ROOT_INODE else []
+
+    # --- the directory -------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        # Ordered by device id, so an offset stays valid while volumes come and go.
+        for dev_id in sorted(self.pool.names.values()):
+            if dev_id < start_id:
+                continue
+            dev = self.pool.devices[dev_id]
+            if not pyfuse3.readdir_reply(token, os.fsencode(dev.name), self._volume_attrs(dev_id),
+                                         dev_id + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        dev = self.pool.create_volume(self._name(name), 0)
+        return self._open_handle(dev.dev_id), self._volume_attrs(dev.dev_id)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)  # a pool is flat: volumes only
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self.pool.remove(self._name(name))
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        old, new = self._name(name_old), self._name(name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if new in self.pool.names and old != new:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            self.pool.volume(old)  # fail before touching the target if the source is gone
+            self.pool.remove(new)
+        self.pool.rename(old, new)
+
+    # --- files -------------------------------------------------------------------------
+
+    def _open_handle(self, dev_id: int) -> pyfuse3.FileInfo:
+        self.pool.open_device(dev_id)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = dev_id
+        return pyfuse3.FileInfo(fh=fh)
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        return self._open_handle(self._dev_id(inode))
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        return self.pool.read(self.handles[fh], off, size)
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        return self.pool.write(self.handles[fh], off, buf)
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        self.pool.commit()  # dm-thin: a FLUSH commits the metadata
+
+    async def flush(self, fh):
+        pass  # sent at every close(): no commit needed (DESIGN.md)
+
+    @fuse_errors
+    async def release(self, fh):
+        dev_id = self.handles.pop(fh, None)
+        if dev_id is not None:
+            self.pool.close_device(dev_id)

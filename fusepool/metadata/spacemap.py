@@ -1,0 +1,105 @@
+"""Data block reference counts and the allocator.
+
+``counts`` is one u32 per data block (see format.py for what a count means).
+``busy`` is one byte per data block, non-zero when the block may not be
+allocated: it is referenced, or it was freed in the running transaction.  A
+block freed in the running transaction is never reused before that
+transaction commits, because the last commit may still map it (dm-thin's
+rule); :meth:`committed` releases those blocks.  ``bytearray.find`` does the
+free-block search in C.
+"""
+
+from array import array
+
+from fusepool.errors import Corrupt, PoolFull
+from fusepool.metadata.format import COUNTS_PER_PAGE
+
+_NONZERO = bytes([0] + [1] * 255)
+
+
+class DataSpaceMap:
+    def __init__(self, nr_blocks: int, counts: array | None = None):
+        self.counts = counts if counts is not None else array("I", bytes(4 * nr_blocks))
+        if len(self.counts) != nr_blocks:
+            raise Corrupt(f"space map covers {len(self.counts)} blocks, pool has {nr_blocks}")
+        self.busy = _busy_map(self.counts)
+        self.nr_blocks = nr_blocks
+        self.used = nr_blocks - self.busy.count(0)
+        self.freed: list[int] = []  # freed in the running transaction
+        self.dirty_pages: set[int] = set()
+        self.cursor = 0
+
+    @property
+    def free(self) -> int:
+        """Blocks an allocation can take right now."""
+        return self.busy.count(0)
+
+    def allocate(self) -> int:
+        """A free block, now referenced once; raise :class:`PoolFull` if none."""
+        i = self.busy.find(0, self.cursor)
+        if i < 0:
+            i = self.busy.find(0, 0, self.cursor)
+            if i < 0:
+                raise PoolFull("pool is out of data space")
+        self.busy[i] = 1
+        self.counts[i] = 1
+        self.used += 1
+        self.cursor = i + 1
+        self.dirty_pages.add(i // COUNTS_PER_PAGE)
+        return i
+
+    def unallocate(self, block: int) -> None:
+        """Undo :meth:`allocate` for a block never mapped (its write failed)."""
+        self.counts[block] = 0
+        self.busy[block] = 0
+        self.used -= 1
+
+    def inc(self, block: int) -> None:
+        self.counts[block] += 1
+        self.dirty_pages.add(block // COUNTS_PER_PAGE)
+
+    def dec(self, block: int) -> None:
+        count = self.counts[block]
+        if count == 0:
+            raise Corrupt(f"reference count of data block {block} would go below zero")
+        self.counts[block] = count - 1
+        self.dirty_pages.add(block // COUNTS_PER_PAGE)
+        if count == 1:
+            self.used -= 1
+            self.freed.append(block)  # stays busy until the commit
+
+    def committed(self) -> list[int]:
+        """After a commit: make this transaction's freed blocks allocatable.
+
+        Returns the blocks that are still free (the caller may punch holes).
+        """
+        released = [b for b in self.freed if self.counts[b] == 0]
+        for block in released:
+            self.busy[block] = 0
+        self.freed = []
+        return released
+
+    def grow(self, nr_blocks: int) -> None:
+        extra = nr_blocks - self.nr_blocks
+        self.counts.extend(array("I", bytes(4 * extra)))
+        self.busy.extend(bytes(extra))
+        self.dirty_pages.update(range(self.nr_blocks // COUNTS_PER_PAGE,
+                                      (nr_blocks - 1) // COUNTS_PER_PAGE + 1))
+        self.nr_blocks = nr_blocks
+
+    def page_payload(self, index: int) -> bytes:
+        return self.counts[index * COUNTS_PER_PAGE : (index + 1) * COUNTS_PER_PAGE].tobytes()
+
+    @property
+    def nr_pages(self) -> int:
+        return (self.nr_blocks + COUNTS_PER_PAGE - 1) // COUNTS_PER_PAGE
+
+
+def _busy_map(counts: array) -> bytearray:
+    """One byte per block, 1 where the count is non-zero (all in C)."""
+    raw = counts.tobytes()
+    n = len(counts)
+    merged = 0
+    for k in range(4):  # OR the four bytes of every u32 together
+        merged |= int.from_bytes(raw[k::4], "little")
+    return bytearray(merged.to_bytes(n, "little").translate(_NONZERO))

@@ -1,0 +1,292 @@
+"""The metadata file: page allocation, commit and recovery (shadow paging).
+
+A page is in one of these states, kept in ``page_state`` (one byte a page):
+
+- bit ``CURRENT``: referenced by the last commit (N);
+- bit ``PREVIOUS``: referenced by the commit before (N-1), kept so that a
+  damaged latest commit can fall back to the one before it (``repair``);
+- bit ``PENDING``: written by the commit in progress.
+
+A page with none of them is free.  Commit N+1 only writes free pages, so both
+N and N-1 stay intact on disk until the superblock of N+1 is durable.
+"""
+
+import logging
+import os
+from array import array
+from dataclasses import dataclass
+
+import xxhash
+
+from fusepool.errors import Corrupt, MetadataFull
+from fusepool.metadata.format import (
+    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, PAGE_NODE, PAGE_ROOT, PAGE_SIZE, PAGE_SPACEMAP,
+    HEADER_SIZE, SUPERBLOCK_SLOTS, Superblock, decode_root, encode_root, pack_page, unpack_page,
+)
+from fusepool.metadata.tree import Node
+
+log = logging.getLogger(__name__)
+
+CURRENT, PREVIOUS, PENDING = 1, 2, 4
+_ROOT_PAYLOAD = PAGE_SIZE - HEADER_SIZE
+# After a commit: CURRENT|PENDING -> CURRENT, CURRENT -> PREVIOUS as well.
+_AFTER_COMMIT = bytes(((v & CURRENT) << 1) | (CURRENT if v & (CURRENT | PENDING) else 0)
+                      for v in range(256))
+_DROP_PENDING = bytes(v & (CURRENT | PREVIOUS) for v in range(256))
+
+
+@dataclass
+class Loaded:
+    """Everything a commit holds, as read back from the metadata file."""
+
+    superblock: Superblock
+    state: dict  # pool counters and the device table (see Pool._root_state)
+    roots: dict[int, Node | None]  # dev_id -> mapping tree root
+    counts: array  # data block reference counts
+    nodes: int  # distinct node pages loaded
+
+
+def read_superblocks(fd: int) -> list[tuple[int, Superblock | Corrupt]]:
+    """Both superblock slots, parsed or with the reason they are unusable."""
+    found = []
+    for slot in SUPERBLOCK_SLOTS:
+        page = os.pread(fd, PAGE_SIZE, slot * PAGE_SIZE)
+        try:
+            found.append((slot, Superblock.unpack(page, slot)))
+        except Corrupt as exc:
+            found.append((slot, exc))
+    return found
+
+
+class MetadataStore:
+    def __init__(self, path: str, fd: int, superblock: Superblock):
+        self.path = path
+        self.fd = fd
+        self.superblock = superblock
+        self.page_state = bytearray(superblock.nr_meta_pages)
+        self.page_state[0 : FIRST_DATA_PAGE] = bytes([CURRENT]) * FIRST_DATA_PAGE
+        self.released: list[int] = []  # CURRENT pages no longer referenced in memory
+        self.spacemap_pages: list[int] = []
+        self.cursor = FIRST_DATA_PAGE
+
+    # --- creating and opening ------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, superblock: Superblock, nr_data_blocks: int) -> None:
+        """Write a new, empty metadata file (one commit, transaction 1)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, superblock.nr_meta_pages * PAGE_SIZE)
+            store = cls(path, fd, superblock)
+            store.spacemap_pages = [0] * ((nr_data_blocks + COUNTS_PER_PAGE - 1) // COUNTS_PER_PAGE)
+            from fusepool.metadata.spacemap import DataSpaceMap  # noqa: PLC0415
+
+            spacemap = DataSpaceMap(nr_data_blocks)
+            spacemap.dirty_pages = set(range(len(store.spacemap_pages)))
+            store.commit({"devices": []}, {}, spacemap, superblock.time, nr_data_blocks)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def open(cls, path: str, readonly: bool = False, use_slot: int | None = None) -> tuple["MetadataStore", Loaded]:
+        """Open at the newest valid commit (or at ``use_slot``, for repair)."""
+        fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        try:
+            candidates = [(sb.transaction_id, slot, sb) for slot, sb in read_superblocks(fd)
+                          if isinstance(sb, Superblock) and (use_slot is None or slot == use_slot)]
+            if not candidates:
+                raise Corrupt("no valid superblock in the metadata file")
+            _, _, superblock = max(candidates)
+            store = cls(path, fd, superblock)
+            loaded = store._load()
+        except BaseException:
+            os.close(fd)
+            raise
+        return store, loaded
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _read_page(self, page_no: int, kind: int) -> tuple[int, int, memoryview]:
+        if not FIRST_DATA_PAGE <= page_no < self.superblock.nr_meta_pages:
+            raise Corrupt(f"metadata page number {page_no} out of range")
+        return unpack_page(os.pread(self.fd, PAGE_SIZE, page_no * PAGE_SIZE), page_no, kind)
+
+    def _load(self) -> Loaded:
+        sb = self.superblock
+        blob = bytearray()
+        for page_no in sb.root_pages:
+            blob += self._read_page(page_no, PAGE_ROOT)[2]
+            self.page_state[page_no] = CURRENT
+        blob = bytes(blob[: sb.root_len])
+        if len(blob) != sb.root_len or xxhash.xxh64_intdigest(blob) != sb.root_checksum:
+            raise Corrupt("root record checksum mismatch")
+        state, self.spacemap_pages = decode_root(blob)
+
+        counts = array("I")
+        for index, page_no in enumerate(self.spacemap_pages):
+            payload = self._read_page(page_no, PAGE_SPACEMAP)[2]
+            n = min(COUNTS_PER_PAGE, sb.nr_data_blocks - index * COUNTS_PER_PAGE)
+            counts.frombytes(payload[: 4 * n])
+            self.page_state[page_no] = CURRENT
+        if len(counts) != sb.nr_data_blocks:
+            raise Corrupt(f"space map covers {len(counts)} blocks, superblock says {sb.nr_data_blocks}")
+
+        by_page: dict[int, Node] = {}
+        roots = {}
+        for dev in state["devices"]:
+            page_no = dev["root"]
+            roots[dev["dev_id"]] = self._load_node(page_no, by_page) if page_no else None
+        return Loaded(sb, state, roots, counts, len(by_page))
+
+    def _load_node(self, page_no: int, by_page: dict[int, Node]) -> Node:
+        """Load a subtree; a page reached twice is one shared node (share counted)."""
+        node = by_page.get(page_no)
+        if node is not None:
+            node.share += 1
+            return node
+        level, _, payload = self._read_page(page_no, PAGE_NODE)
+        entries = array("Q")
+        entries.frombytes(payload[: 8 * FANOUT])
+        if level:
+            entries = [self._load_node(p, by_page) if p else None for p in entries]
+        node = by_page[page_no] = Node(level, entries, page_no)
+        self.page_state[page_no] = CURRENT
+        return node
+
+    # --- page allocation ------------------------------------------------------
+
+    @property
+    def free_pages(self) -> int:
+        return self.page_state.count(0)
+
+    @property
+    def used_pages(self) -> int:
+        return len(self.page_state) - self.page_state.count(0)
+
+    def release(self, page_no: int) -> None:
+        """A committed page is no longer referenced by the in-memory state."""
+        self.released.append(page_no)
+
+    def _allocate(self) -> int:
+        i = self.page_state.find(0, self.cursor)
+        if i < 0:
+            i = self.page_state.find(0, FIRST_DATA_PAGE, self.cursor)
+            if i < 0:
+                raise MetadataFull("metadata space exhausted")
+        self.page_state[i] = PENDING
+        self.cursor = i + 1
+        return i
+
+    def grow(self, nr_meta_pages: int) -> None:
+        os.ftruncate(self.fd, nr_meta_pages * PAGE_SIZE)
+        self.page_state.extend(bytes(nr_meta_pages - len(self.page_state)))
+        self.superblock.nr_meta_pages = nr_meta_pages
+
+    # --- commit ----------------------------------------------------------------
+
+    def commit(self, state: dict, roots: dict[int, Node | None], spacemap, time: int,
+               nr_data_blocks: int, flags: int | None = None) -> int:
+        """Write a new transaction; return its id.
+
+        The caller has already flushed the data device.  ``state['devices']``
+        gets each device's root page filled in here.
+        """
+        dirty = _dirty_nodes(roots.values())
+        dirty_sm = sorted(spacemap.dirty_pages)
+        if len(self.spacemap_pages) < spacemap.nr_pages:
+            self.spacemap_pages.extend([0] * (spacemap.nr_pages - len(self.spacemap_pages)))
+        root_estimate = 2 + (len(dirty_sm) + len(self.spacemap_pages)) * 8 // _ROOT_PAYLOAD \
+            + len(state["devices"]) * 400 // _ROOT_PAYLOAD
+        if len(dirty) + len(dirty_sm) + root_estimate > self.free_pages:
+            raise MetadataFull(
+                f"metadata space exhausted: the commit needs about "
+                f"{len(dirty) + len(dirty_sm) + root_estimate} pages, {self.free_pages} are free")
+        txn = self.superblock.transaction_id + 1
+        writes: list[tuple[int, bytes]] = []
+        old_sm = list(self.spacemap_pages)
+        try:
+            for node in dirty:  # children come before their parents
+                node.page = self._allocate()
+                if node.level == 0:
+                    payload = node.entries.tobytes()
+                else:
+                    payload = array("Q", [c.page if c is not None else 0 for c in node.entries]).tobytes()
+                writes.append((node.page, pack_page(PAGE_NODE, node.page, txn, payload, node.level)))
+            for index in dirty_sm:
+                page_no = self._allocate()
+                self.spacemap_pages[index] = page_no
+                writes.append((page_no, pack_page(PAGE_SPACEMAP, page_no, txn, spacemap.page_payload(index))))
+            for dev in state["devices"]:
+                root = roots.get(dev["dev_id"])
+                dev["root"] = root.page if root is not None else 0
+            blob = encode_root(state, self.spacemap_pages)
+            root_pages = []
+            for start in range(0, len(blob), _ROOT_PAYLOAD):
+                page_no = self._allocate()
+                root_pages.append(page_no)
+                writes.append((page_no, pack_page(PAGE_ROOT, page_no, txn, blob[start : start + _ROOT_PAYLOAD])))
+            sb = Superblock(self.superblock.uuid, txn, time, self.superblock.block_size, nr_data_blocks,
+                            self.superblock.nr_meta_pages,
+                            self.superblock.flags if flags is None else flags,
+                            len(blob), xxhash.xxh64_intdigest(blob), root_pages)
+            super_page = sb.pack()
+            self._write_pages(writes)
+            os.fdatasync(self.fd)
+            os.pwrite(self.fd, super_page, (txn % 2) * PAGE_SIZE)
+            os.fdatasync(self.fd)
+        except BaseException:
+            for node in dirty:
+                node.page = None
+            self.spacemap_pages = old_sm
+            self.page_state = bytearray(self.page_state.translate(_DROP_PENDING))
+            raise
+        # The new commit is durable: retire what it no longer references.
+        self.page_state = bytearray(self.page_state.translate(_AFTER_COMMIT))
+        for index in dirty_sm:
+            if old_sm[index]:
+                self.released.append(old_sm[index])
+        self.released.extend(self.superblock.root_pages)
+        for page_no in self.released:
+            self.page_state[page_no] &= ~CURRENT
+        self.released = []
+        spacemap.dirty_pages = set()
+        self.superblock = sb
+        return txn
+
+    def _write_pages(self, writes: list[tuple[int, bytes]]) -> None:
+        """pwritev runs of consecutive pages: one syscall per contiguous run."""
+        writes.sort()
+        i = 0
+        while i < len(writes):
+            j = i + 1
+            while j < len(writes) and writes[j][0] == writes[j - 1][0] + 1:
+                j += 1
+            os.pwritev(self.fd, [w[1] for w in writes[i:j]], writes[i][0] * PAGE_SIZE)
+            i = j
+
+
+def _dirty_nodes(roots) -> list[Node]:
+    """Dirty nodes reachable from ``roots``, children before parents, each once."""
+    order: list[Node] = []
+    seen: set[int] = set()
+    for root in roots:
+        if root is None or root.page is not None or id(root) in seen:
+            continue
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.append((node, True))
+            if node.level:
+                for child in node.entries:
+                    if child is not None and child.page is None and id(child) not in seen:
+                        stack.append((child, False))
+    return order

@@ -1,0 +1,170 @@
+"""The mount daemon: lifecycle of a mounted pool (after s3ql's ``mount()``).
+
+Order: open the pool (takes its lock) -> check the mountpoint -> pyfuse3.init
+-> in one trio nursery: the control socket, the commit timer, the signal
+handler and ``pyfuse3.main`` -> tell the parent "ready" -> serve.  Leaving
+(``fusepool umount``, SIGTERM/SIGINT, or the kernel unmounting us) cancels the
+nursery, unmounts, commits and releases the lock, in that order.
+"""
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+
+import pyfuse3
+import trio
+
+from fusepool import commands
+from fusepool.config import SOCKET
+from fusepool.control import error_reply, socket_path
+from fusepool.errors import PoolBusy, PoolError, UsageError
+from fusepool.fs import INODE_BASE, FusepoolOperations
+from fusepool.pool import Pool
+
+log = logging.getLogger(__name__)
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """A usable, empty-of-mounts directory; clear a dead FUSE mount left behind."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a daemon died and left its mount
+            log.warning("clearing the stale FUSE mount at %s", mountpoint)
+            lazy_unmount(mountpoint)
+            st = os.stat(mountpoint)
+        else:
+            raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise PoolBusy(f"{mountpoint} is already a mount point")
+    del st
+
+
+def lazy_unmount(mountpoint: str) -> None:
+    cmd = ["fusermount3", "-u", "-z", mountpoint] if os.getuid() else ["umount", "-l", mountpoint]
+    subprocess.run(cmd, check=False, capture_output=True)
+
+
+class Daemon:
+    def __init__(self, pool: Pool, mountpoint: str, commit_period: float):
+        self.pool = pool
+        self.mountpoint = mountpoint
+        self.commit_period = commit_period
+        self.ops = FusepoolOperations(pool)
+        self.cancel_scope: trio.CancelScope | None = None
+
+    async def run(self, on_ready) -> None:
+        async with trio.open_nursery() as nursery:
+            self.cancel_scope = nursery.cancel_scope
+            await nursery.start(self._serve_control)
+            nursery.start_soon(self._commit_timer)
+            nursery.start_soon(self._signals)
+            on_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()  # the kernel unmounted us, or terminate()
+
+    async def _commit_timer(self) -> None:
+        while True:
+            await trio.sleep(self.commit_period)
+            if self.pool.dirty and self.pool.failed is None:
+                try:
+                    self.pool.commit()
+                except PoolError as exc:
+                    log.error("periodic commit failed: %s", exc)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+
+    async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        with socket_path(self.pool.path) as path:
+            try:
+                os.unlink(os.path.join(self.pool.path, SOCKET))  # left by a dead daemon
+            except FileNotFoundError:
+                pass
+            await sock.bind(path)
+        sock.listen(16)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])
+        finally:
+            try:
+                os.unlink(os.path.join(self.pool.path, SOCKET))
+            except FileNotFoundError:
+                pass
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await stream.receive_some(1 << 16)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                request = json.loads(data)
+                reply = {"ok": True, "result": await self._dispatch(request["op"], request.get("args", {}))}
+            except (PoolError, ValueError, KeyError, TypeError) as exc:
+                reply = error_reply(exc if isinstance(exc, PoolError) else UsageError(f"bad request: {exc}"))
+            except Exception as exc:
+                log.exception("control request failed")
+                reply = error_reply(exc)
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def _dispatch(self, op: str, args: dict):
+        if op == "status":
+            return {"pid": os.getpid(), "mountpoint": self.mountpoint, "pool": self.pool.path}
+        if op == "unmount":
+            busy = sum(d.open_count for d in self.pool.devices.values())
+            if busy and not args.get("force"):
+                raise PoolBusy(f"{self.mountpoint} is busy: {busy} open file handle(s) on its volumes")
+            pyfuse3.terminate()
+            return {"pid": os.getpid()}
+        changes = commands.Changes()
+        result = commands.run(self.pool, op, args, changes)
+        for name in changes.names:  # the kernel may cache the entry, or its absence
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, os.fsencode(name), ignore_enoent=True)
+        for dev_id in changes.dev_ids:
+            # In a worker thread: the kernel may need this thread to answer requests meanwhile.
+            await trio.to_thread.run_sync(_invalidate_inode, dev_id + INODE_BASE)
+        return result
+
+
+def _invalidate_inode(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, False)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the kernel had nothing cached
+            raise
+
+
+def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,
+          allow_other: bool = False, debug_fuse: bool = False) -> None:
+    """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted."""
+    mountpoint = os.path.abspath(mountpoint)
+    pool = Pool.open(pool_dir)
+    try:
+        check_mountpoint(mountpoint)
+        daemon = Daemon(pool, mountpoint, commit_period)
+        options = set(pyfuse3.default_options) | {"fsname=fusepool", "subtype=fusepool"}
+        if allow_other:
+            options.add("allow_other")
+        if debug_fuse:
+            options.add("debug")
+        pyfuse3.init(daemon.ops, mountpoint, options)
+        try:
+            trio.run(daemon.run, on_ready or (lambda: None))
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        pool.close()
+    log.info("unmounted %s; pool %s committed at transaction %d", mountpoint, pool.path,
+             pool.transaction_id)

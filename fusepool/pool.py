@@ -1,0 +1,800 @@
+"""Pool: the whole thin-pool engine as a plain, synchronous Python API.
+
+No FUSE and no sockets here: the FUSE filesystem, the control socket and the
+CLI are adapters over this class.  Every method runs to completion without
+yielding, so under trio's single thread each call is atomic with respect to
+every other request.
+
+Semantics (see docs/design.md for the full contract):
+
+- A *device* is a thin volume or snapshot: a 24-bit ``dev_id``, a user-visible
+  ``name``, a virtual ``size`` and a copy-on-write mapping tree.
+- Writes allocate whole data blocks.  A partial write to a new block zero-fills
+  the rest of it unless the pool skips block zeroing; a partial write to a
+  block shared with another device copies the block first; a whole-block write
+  of zeros unmaps the block.
+- Metadata changes are held in memory until :meth:`commit`, which flushes the
+  data image first (data before metadata).  Namespace changes (create,
+  snapshot, remove, rename, resize) commit before they return.
+- dm-thin's time model: the pool time goes up by one at every snapshot; a
+  mapping records the pool time when it was provisioned; a snapshot sets the
+  ``snap_time`` of both origin and snapshot to the new pool time.  A block
+  whose mapping time is older than a device's ``snap_time`` may be shared.
+"""
+
+import logging
+import os
+import time as wallclock
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from fusepool import __version__
+from fusepool.config import DATA, METADATA, PoolConfig, PoolLock
+from fusepool.datastore import DataStore
+from fusepool.errors import (
+    BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
+    PoolError, PoolFull, ReadOnlyPool, UsageError, VolumeExists,
+)
+from fusepool.metadata.format import (
+    FANOUT, FLAG_NEEDS_CHECK, MAX_DEV_ID, PAGE_SIZE, TIME_BITS, TIME_MASK, UNMAPPED, Superblock,
+)
+from fusepool.metadata.spacemap import DataSpaceMap
+from fusepool.metadata.store import MetadataStore
+from fusepool.metadata.tree import Node, Tree, height_for
+from fusepool.units import bytes_size
+
+log = logging.getLogger(__name__)
+
+MIN_BLOCK_SIZE = 64 << 10
+MAX_BLOCK_SIZE = 1 << 30
+MAX_VOLUME_SIZE = 1 << 60
+MAX_METADATA_SIZE = 16 << 30  # dm-thin's limit is just under 16 GiB
+MAX_NAME_BYTES = 255
+METADATA_RESERVE_PAGES = 64  # kept free so a commit can always be written
+
+
+@dataclass
+class Device:
+    """A thin volume or snapshot.  ``to_record`` is its durable form."""
+
+    dev_id: int
+    name: str
+    size: int
+    creation_time: int  # pool time when created (dm-thin)
+    snap_time: int  # pool time of the last snapshot taken of or from it (dm-thin)
+    transaction: int  # transaction id current when it was created
+    created: float  # wall clock, for users
+    origin: int | None = None  # dev_id it was snapshotted from (informational)
+    mapped_blocks: int = 0
+    mtime: float = 0.0
+    deleted: bool = False  # removed while open: freed when the last handle closes
+    root: Node | None = field(default=None, repr=False)
+    open_count: int = 0
+
+    def to_record(self) -> dict:
+        return {
+            "dev_id": self.dev_id, "name": self.name, "size": self.size,
+            "creation_time": self.creation_time, "snap_time": self.snap_time,
+            "transaction": self.transaction, "created": self.created, "origin": self.origin,
+            "mapped_blocks": self.mapped_blocks, "mtime": self.mtime, "deleted": self.deleted,
+            "root": 0,  # filled in by the store
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict, root: Node | None) -> "Device":
+        return cls(rec["dev_id"], rec["name"], rec["size"], rec["creation_time"], rec["snap_time"],
+                   rec["transaction"], rec["created"], rec.get("origin"), rec["mapped_blocks"],
+                   rec.get("mtime", rec["created"]), rec.get("deleted", False), root)
+
+
+def validate_name(name: str) -> str:
+    """Volume names are file names in the mount: no '/', no NUL, at most 255 bytes."""
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        raise UsageError(f"invalid volume name {name!r}")
+    if "/" in name or "\0" in name:
+        raise UsageError(f"invalid volume name {name!r}: it may not contain '/' or NUL")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise UsageError(f"invalid volume name: longer than {MAX_NAME_BYTES} bytes")
+    return name
+
+
+def validate_block_size(block_size: int) -> int:
+    if block_size % MIN_BLOCK_SIZE or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise UsageError(f"invalid block size {block_size}: it must be a multiple of 64 KiB "
+                         f"between 64 KiB and 1 GiB")
+    return block_size
+
+
+class Pool:
+    """An open thin pool.  Use :meth:`create` once, then :meth:`open`."""
+
+    # --- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, data_size: int = 100 << 30, metadata_size: int = 2 << 30,
+               block_size: int = 64 << 10, base_size: int = 10 << 30,
+               min_free_space: float = 10.0, skip_block_zeroing: bool = False) -> None:
+        """Make a new pool directory (or fill an empty existing one)."""
+        validate_block_size(block_size)
+        nr_blocks = data_size // block_size
+        if nr_blocks < 1:
+            raise UsageError(f"data size {data_size} is smaller than one block ({block_size})")
+        if nr_blocks >= 1 << (64 - TIME_BITS):
+            raise UsageError("data size too large for the block size")
+        if not 0 < base_size <= MAX_VOLUME_SIZE:
+            raise UsageError(f"invalid base size {base_size}")
+        nr_pages = metadata_size // PAGE_SIZE
+        needed = min_metadata_pages(nr_blocks)
+        if nr_pages < needed:
+            raise UsageError(f"metadata size {bytes_size(metadata_size)} is too small for "
+                             f"{nr_blocks} data blocks: use at least {bytes_size(needed * PAGE_SIZE)}")
+        if metadata_size > MAX_METADATA_SIZE:
+            raise UsageError(f"metadata size is limited to {bytes_size(MAX_METADATA_SIZE)}")
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise UsageError(f"{path} exists and is not a directory")
+            if os.listdir(path):
+                raise VolumeExists(f"{path} is not empty: refusing to create a pool there")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise PoolError(f"cannot create {path}: {exc.strerror}") from None
+        uuid = str(uuidlib.uuid4())
+        try:
+            DataStore.create(os.path.join(path, DATA), nr_blocks * block_size)
+            sb = Superblock(uuid, 0, 0, block_size, nr_blocks, nr_pages,
+                            root_len=0, root_checksum=0, root_pages=[])
+            MetadataStore.create(os.path.join(path, METADATA), sb, nr_blocks)
+            PoolConfig(uuid, block_size, base_size, min_free_space, skip_block_zeroing).save(path)
+        except BaseException:
+            for name in (DATA, METADATA, "pool.json"):
+                try:
+                    os.unlink(os.path.join(path, name))
+                except FileNotFoundError:
+                    pass
+            raise
+
+    @classmethod
+    def open(cls, path: str, readonly: bool = False) -> "Pool":
+        """Open a pool under its exclusive lock (raises PoolBusy when held)."""
+        path = os.path.abspath(path)
+        config = PoolConfig.load(path)
+        if not os.path.exists(os.path.join(path, METADATA)):
+            raise NotAPool(f"{path}: the metadata file is missing")
+        lock = PoolLock(path)
+        try:
+            return cls(path, config, lock, readonly)
+        except BaseException:
+            lock.release()
+            raise
+
+    def __init__(self, path: str, config: PoolConfig, lock: PoolLock, readonly: bool):
+        self.path = path
+        self.config = config
+        self.lock = lock
+        self.readonly = readonly
+        self.failed: str | None = None  # set when the pool stops accepting changes
+        try:
+            self.store, loaded = MetadataStore.open(os.path.join(path, METADATA), readonly)
+        except Corrupt as exc:
+            raise Corrupt(f"pool metadata is damaged ({exc}); run `fusepool check {path}` "
+                          f"and `fusepool repair {path}`") from None
+        sb = loaded.superblock
+        if sb.block_size != config.block_size:
+            raise Corrupt(f"block size in metadata ({sb.block_size}) differs from pool.json")
+        self.block_size = sb.block_size
+        self.zero_block = bytes(self.block_size)
+        self.time = sb.time
+        self.next_dev_id = loaded.state.get("next_dev_id", 1)
+        self.space = DataSpaceMap(sb.nr_data_blocks, loaded.counts)
+        self.tree = Tree(self.space.inc, self.space.dec, self.store.release)
+        self.devices: dict[int, Device] = {}
+        self.names: dict[str, int] = {}
+        for rec in loaded.state["devices"]:
+            dev = Device.from_record(rec, loaded.roots.get(rec["dev_id"]))
+            self.devices[dev.dev_id] = dev
+            if not dev.deleted:
+                self.names[dev.name] = dev.dev_id
+        self.data = DataStore(os.path.join(path, DATA), self.block_size, readonly)
+        self.dirty = False
+        self.commits = 0
+        if sb.flags & FLAG_NEEDS_CHECK:
+            log.warning("pool %s is flagged needs-check: run `fusepool check`", path)
+        if not readonly:
+            self.data.grow(self.nr_blocks * self.block_size)
+            # Deferred deletions that a crash interrupted are finished now.
+            for dev in [d for d in self.devices.values() if d.deleted]:
+                self._drop_device(dev)
+            if self.dirty:
+                self.commit()
+
+    def close(self) -> None:
+        """Commit and release everything (safe to call twice)."""
+        try:
+            if not self.readonly and self.failed is None and self.dirty:
+                self.commit()
+        finally:
+            self.data.close()
+            self.store.close()
+            self.lock.release()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- durability --------------------------------------------------------------
+
+    def commit(self) -> int:
+        """Make every change so far durable: data first, then metadata.
+
+        Returns the transaction id (unchanged when nothing was dirty).
+        """
+        if not self.dirty:
+            return self.store.superblock.transaction_id
+        self._check_writable()
+        try:
+            self.data.flush()
+            state = {"next_dev_id": self.next_dev_id,
+                     "devices": [d.to_record() for d in self.devices.values()]}
+            roots = {d.dev_id: d.root for d in self.devices.values()}
+            txn = self.store.commit(state, roots, self.space, self.time, self.nr_blocks)
+        except MetadataFull as exc:
+            self._fail(str(exc) + "; extend the metadata with `fusepool extend POOL --metadata-size SIZE`")
+            raise ReadOnlyPool(self.failed) from None
+        except OSError as exc:
+            self._fail(f"commit failed: {exc}")
+            raise ReadOnlyPool(self.failed) from None
+        self.dirty = False
+        self.tree.dirtied = 0
+        self.commits += 1
+        freed = self.space.committed()
+        try:
+            self.data.punch(freed)
+        except OSError as exc:  # space stays allocated on the host: harmless
+            log.warning("could not punch holes for %d freed blocks: %s", len(freed), exc)
+        return txn
+
+    def _fail(self, reason: str) -> None:
+        """Stop accepting changes (dm-thin's read-only mode); reads still work."""
+        if self.failed is None:
+            log.error("pool %s is now read-only: %s", self.path, reason)
+        self.failed = reason
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyPool("the pool is open read-only")
+        if self.failed is not None:
+            raise ReadOnlyPool(f"the pool is read-only: {self.failed}")
+
+    def _ensure_metadata_room(self) -> None:
+        """Refuse a change that a commit could not store (dm-thin: metadata full)."""
+        pending = self.tree.dirtied + len(self.space.dirty_pages) + METADATA_RESERVE_PAGES
+        if self.store.free_pages < pending:
+            self.commit()  # frees the pages the previous transaction held
+            if self.store.free_pages < self.tree.dirtied + METADATA_RESERVE_PAGES:
+                raise MetadataFull("pool is out of metadata space; extend it with "
+                                   f"`fusepool extend {self.path} --metadata-size SIZE`")
+
+    # --- properties ----------------------------------------------------------------
+
+    @property
+    def nr_blocks(self) -> int:
+        return self.space.nr_blocks
+
+    @property
+    def transaction_id(self) -> int:
+        return self.store.superblock.transaction_id
+
+    # --- namespace -------------------------------------------------------------------
+
+    def volume(self, name: str) -> Device:
+        dev_id = self.names.get(name)
+        if dev_id is None:
+            raise NoSuchVolume(f"no volume named {name!r} in pool {self.path}")
+        return self.devices[dev_id]
+
+    def device(self, dev_id: int) -> Device:
+        dev = self.devices.get(dev_id)
+        if dev is None:
+            raise NoSuchVolume(f"no device with id {dev_id}")
+        return dev
+
+    def volumes(self) -> list[Device]:
+        """Visible volumes (deferred deletions excluded), by name."""
+        return sorted((self.devices[i] for i in self.names.values()), key=lambda d: d.name)
+
+    def create_volume(self, name: str, size: int | None = None) -> Device:
+        """A new, empty thin volume of ``size`` bytes (default: the base size)."""
+        validate_name(name)
+        size = self.config.base_size if size is None else size
+        self._check_size(size)
+        self._check_writable()
+        if name in self.names:
+            raise VolumeExists(f"a volume named {name!r} already exists")
+        self._check_min_free("create volume")
+        now = wallclock.time()
+        dev = Device(self._new_dev_id(), name, size, self.time, self.time, self.transaction_id + 1,
+                     now, mtime=now)
+        self._add(dev)
+        return dev
+
+    def snapshot(self, origin_name: str, name: str) -> Device:
+        """A writable point-in-time copy of ``origin_name``: O(1), shares every block."""
+        validate_name(name)
+        origin = self.volume(origin_name)
+        self._check_writable()
+        if name in self.names:
+            raise VolumeExists(f"a volume named {name!r} already exists")
+        self._check_min_free("create snapshot")
+        self.time += 1
+        origin.snap_time = self.time
+        if origin.root is not None:
+            origin.root.share += 1
+        now = wallclock.time()
+        dev = Device(self._new_dev_id(), name, origin.size, self.time, self.time,
+                     self.transaction_id + 1, now, origin=origin.dev_id,
+                     mapped_blocks=origin.mapped_blocks, mtime=now, root=origin.root)
+        self._add(dev)
+        return dev
+
+    def _add(self, dev: Device) -> None:
+        self.devices[dev.dev_id] = dev
+        self.names[dev.name] = dev.dev_id
+        self.dirty = True
+        try:
+            self.commit()
+        except PoolError:
+            # Not durable, so not made: take it back out of memory.
+            del self.devices[dev.dev_id]
+            del self.names[dev.name]
+            if dev.root is not None:
+                self.tree.drop(dev.root)
+            raise
+
+    def remove(self, name: str) -> bool:
+        """Delete a volume; deferred while it is open.  Returns True if deferred."""
+        dev = self.volume(name)
+        self._check_writable()
+        del self.names[name]
+        self.dirty = True
+        if dev.open_count:
+            dev.deleted = True
+            self.commit()
+            return True
+        self._drop_device(dev)
+        self.commit()
+        return False
+
+    def _drop_device(self, dev: Device) -> None:
+        if dev.root is not None:
+            self.tree.drop(dev.root)
+            dev.root = None
+        del self.devices[dev.dev_id]
+        self.dirty = True
+
+    def rename(self, old: str, new: str) -> None:
+        validate_name(new)
+        dev = self.volume(old)
+        self._check_writable()
+        if old == new:
+            return
+        if new in self.names:
+            raise VolumeExists(f"a volume named {new!r} already exists")
+        del self.names[old]
+        dev.name = new
+        self.names[new] = dev.dev_id
+        self.dirty = True
+        self.commit()
+
+    def resize(self, name: str, size: int) -> Device:
+        """Grow a volume (online).  Shrinking is refused: data would be lost."""
+        dev = self.volume(name)
+        self._check_size(size)
+        self._check_writable()
+        if size < dev.size:
+            raise InvalidArgument(f"cannot shrink volume {name!r} from {dev.size} to {size} bytes: "
+                                  "volumes only grow")
+        if size > dev.size:
+            self._grow_device(dev, size)
+            self.commit()
+        return dev
+
+    def _grow_device(self, dev: Device, size: int) -> None:
+        self._check_size(size)
+        dev.size = size
+        dev.root = self.tree.grow(dev.root, self._blocks_for(size))
+        self.dirty = True
+
+    def _check_size(self, size: int) -> None:
+        if not isinstance(size, int) or not 0 <= size <= MAX_VOLUME_SIZE:
+            raise UsageError(f"invalid volume size {size!r}: must be 0 to {MAX_VOLUME_SIZE} bytes")
+
+    def _blocks_for(self, size: int) -> int:
+        return max(1, (size + self.block_size - 1) // self.block_size)
+
+    def _new_dev_id(self) -> int:
+        for _ in range(MAX_DEV_ID + 1):
+            dev_id = self.next_dev_id
+            self.next_dev_id = dev_id + 1 if dev_id < MAX_DEV_ID else 1
+            if dev_id not in self.devices:
+                return dev_id
+        raise PoolFull("all 2^24 device ids are in use")
+
+    def _check_min_free(self, what: str) -> None:
+        """Docker's dm.min_free_space, for data and metadata alike."""
+        limit = self.config.min_free_space
+        data_free = 100.0 * self.space.free / self.nr_blocks
+        if data_free < limit:
+            raise BelowMinFreeSpace(
+                f"cannot {what}: only {data_free:.1f}% of the pool's data space is free, below the "
+                f"minimum free space of {limit:g}%; extend the pool with `fusepool extend {self.path} "
+                "--data-size SIZE` or remove volumes")
+        meta_free = 100.0 * self.store.free_pages / self.store.superblock.nr_meta_pages
+        if meta_free < limit:
+            raise BelowMinFreeSpace(
+                f"cannot {what}: only {meta_free:.1f}% of the pool's metadata space is free, below "
+                f"the minimum free space of {limit:g}%; extend it with `fusepool extend {self.path} "
+                "--metadata-size SIZE`")
+
+    # --- handles (deferred deletion) -----------------------------------------------
+
+    def open_device(self, dev_id: int) -> None:
+        self.device(dev_id).open_count += 1
+
+    def close_device(self, dev_id: int) -> None:
+        dev = self.devices.get(dev_id)
+        if dev is None:
+            return
+        dev.open_count -= 1
+        if dev.open_count <= 0 and dev.deleted and self.failed is None and not self.readonly:
+            self._drop_device(dev)
+            self.commit()
+
+    # --- data path --------------------------------------------------------------------
+
+    def read(self, dev_id: int, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; unmapped ranges read as zeros."""
+        dev = self.device(dev_id)
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        end = min(offset + length, dev.size)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        zero = memoryview(self.zero_block)
+        root = dev.root
+        parts: list = []
+        run_pos = run_len = 0  # a pending run of physically contiguous mapped bytes
+        leaf_index, leaf = -1, None
+        vb = offset // bs
+        pos = offset
+        while pos < end:
+            lo = pos - vb * bs
+            hi = min(end - vb * bs, bs)
+            if vb // FANOUT != leaf_index:
+                leaf_index = vb // FANOUT
+                leaf = Tree.leaf(root, leaf_index)
+            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+            if entry == UNMAPPED:
+                if run_len:
+                    parts.append(self.data.read(0, run_pos, run_len))
+                    run_len = 0
+                parts.append(zero[: hi - lo])
+            else:
+                phys = (entry >> TIME_BITS) * bs + lo
+                if run_len and run_pos + run_len == phys:
+                    run_len += hi - lo
+                else:
+                    if run_len:
+                        parts.append(self.data.read(0, run_pos, run_len))
+                    run_pos, run_len = phys, hi - lo
+            pos = (vb + 1) * bs
+            vb += 1
+        if run_len:
+            parts.append(self.data.read(0, run_pos, run_len))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    def write(self, dev_id: int, offset: int, data) -> int:
+        """Write ``data`` at ``offset``; returns the bytes written.
+
+        A write past the end grows the volume (file semantics, so ``cp`` into a
+        new volume works).  When the pool runs out of space part-way, the
+        blocks before the first one that could not be allocated are written
+        and their length is returned; with none written, PoolFull is raised.
+        """
+        dev = self.device(dev_id)
+        self._check_writable()
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        length = len(data)
+        if not length:
+            return 0
+        end = offset + length
+        bs = self.block_size
+        view = memoryview(data)
+        counts = self.space.counts
+        zeroing = not self.config.skip_block_zeroing
+        # Plan: decide every block's fate and allocate, touching no mapping yet.
+        io: list[tuple[int, object]] = []  # (byte position in the data image, buffer)
+        remap: list[tuple[int, int]] = []  # (virtual block, new data block or UNMAPPED)
+        allocated: list[int] = []
+        leaf_index, leaf, leaf_shared = -1, None, False
+        written = 0
+        vb = offset // bs
+        pos = offset
+        while pos < end:
+            lo = pos - vb * bs
+            hi = min(end - vb * bs, bs)
+            piece = view[pos - offset : pos - offset + hi - lo]
+            if vb // FANOUT != leaf_index:
+                leaf_index = vb // FANOUT
+                leaf = Tree.leaf(dev.root, leaf_index)
+                leaf_shared = leaf is not None and Tree.leaf_is_shared(dev.root, leaf_index)
+            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+            block = entry >> TIME_BITS
+            whole = hi - lo == bs
+            if whole and piece == self.zero_block:
+                if entry != UNMAPPED:
+                    remap.append((vb, UNMAPPED))
+            elif entry != UNMAPPED and not leaf_shared and counts[block] == 1:
+                io.append((block * bs + lo, piece))  # exclusive: overwrite in place
+            else:
+                try:
+                    if not allocated:
+                        self._ensure_metadata_room()
+                    new = self.space.allocate()
+                except (PoolFull, MetadataFull):
+                    if not written:
+                        self._undo_allocations(allocated)
+                        raise
+                    break
+                allocated.append(new)
+                if whole:
+                    io.append((new * bs, piece))
+                elif entry != UNMAPPED:  # break sharing: copy the whole block
+                    buf = bytearray(self.data.read(block, 0, bs))
+                    buf[lo:hi] = piece
+                    io.append((new * bs, buf))
+                elif zeroing:
+                    buf = bytearray(bs)
+                    buf[lo:hi] = piece
+                    io.append((new * bs, buf))
+                else:  # skip_block_zeroing: the rest of the block keeps stale bytes
+                    io.append((new * bs + lo, piece))
+                remap.append((vb, new))
+            written += hi - lo
+            pos = (vb + 1) * bs
+            vb += 1
+        # I/O: one pwritev per physically contiguous run.
+        try:
+            self._write_runs(io)
+        except OSError as exc:
+            self._undo_allocations(allocated)
+            if exc.errno == 28:
+                raise PoolFull(f"the host filesystem under {self.path} is full") from None
+            raise
+        # Apply: only now do size and mappings change (no I/O can fail after this point).
+        if offset + written > dev.size:
+            self._grow_device(dev, offset + written)
+        if remap:
+            self._remap(dev, remap)
+        dev.mtime = wallclock.time()
+        return written
+
+    def _undo_allocations(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.space.unallocate(block)
+
+    def _write_runs(self, io: list) -> None:
+        i, n = 0, len(io)
+        while i < n:
+            start, first = io[i]
+            buffers = [first]
+            next_pos = start + len(first)
+            i += 1
+            while i < n and io[i][0] == next_pos:
+                buffers.append(io[i][1])
+                next_pos += len(io[i][1])
+                i += 1
+            self.data.write(start, buffers)
+
+    def _remap(self, dev: Device, changes: list[tuple[int, int]]) -> None:
+        """Point virtual blocks at new data blocks (or UNMAPPED); adjust counts."""
+        level = height_for(self._blocks_for(dev.size))
+        stamp = self.time & TIME_MASK
+        leaf_index, leaf = -1, None
+        for vb, new in changes:
+            if vb // FANOUT != leaf_index:
+                leaf_index = vb // FANOUT
+                dev.root, leaf = self.tree.writable_leaf(dev.root, level, leaf_index)
+            slot = vb % FANOUT
+            old = leaf.entries[slot]
+            if new == UNMAPPED:
+                leaf.entries[slot] = UNMAPPED
+            else:
+                leaf.entries[slot] = (new << TIME_BITS) | stamp
+            if old != UNMAPPED:
+                self.space.dec(old >> TIME_BITS)
+                dev.mapped_blocks -= 1
+            if new != UNMAPPED:
+                dev.mapped_blocks += 1
+        self.dirty = True
+
+    def discard(self, dev_id: int, offset: int, length: int) -> int:
+        """Unmap the whole blocks inside the range (rounded inward, as dm-thin)."""
+        dev = self.device(dev_id)
+        self._check_writable()
+        if offset < 0 or length < 0 or offset + length > dev.size:
+            raise InvalidArgument(f"discard range {offset}+{length} is outside the volume "
+                                  f"({dev.size} bytes)")
+        bs = self.block_size
+        first = (offset + bs - 1) // bs
+        last = (offset + length) // bs  # exclusive
+        changes = []
+        for leaf_index in range(first // FANOUT, (last + FANOUT - 1) // FANOUT):
+            leaf = Tree.leaf(dev.root, leaf_index)
+            if leaf is None:
+                continue
+            base = leaf_index * FANOUT
+            for slot in range(max(first - base, 0), min(last - base, FANOUT)):
+                if leaf.entries[slot] != UNMAPPED:
+                    changes.append((base + slot, UNMAPPED))
+        if changes:
+            self._remap(dev, changes)
+        return len(changes)
+
+    # --- pool size -------------------------------------------------------------------
+
+    def extend(self, data_size: int | None = None, metadata_size: int | None = None) -> None:
+        """Grow the data and/or metadata space (never shrink)."""
+        self._check_writable()
+        if data_size is not None:
+            nr_blocks = data_size // self.block_size
+            if nr_blocks < self.nr_blocks:
+                raise InvalidArgument(f"cannot shrink the data space from {self.nr_blocks * self.block_size} "
+                                      f"to {data_size} bytes")
+            if nr_blocks >= 1 << (64 - TIME_BITS):
+                raise UsageError("data size too large")
+        if metadata_size is not None:
+            pages = metadata_size // PAGE_SIZE
+            if pages < self.store.superblock.nr_meta_pages:
+                raise InvalidArgument("cannot shrink the metadata space")
+            if metadata_size > MAX_METADATA_SIZE:
+                raise UsageError(f"metadata size is limited to {bytes_size(MAX_METADATA_SIZE)}")
+        if metadata_size is not None and metadata_size // PAGE_SIZE > self.store.superblock.nr_meta_pages:
+            self.store.grow(metadata_size // PAGE_SIZE)
+            self.dirty = True
+        if data_size is not None and data_size // self.block_size > self.nr_blocks:
+            nr_blocks = data_size // self.block_size
+            if self.store.superblock.nr_meta_pages < min_metadata_pages(nr_blocks):
+                raise UsageError("metadata space too small for that data size: extend it too "
+                                 "(--metadata-size)")
+            self.data.grow(nr_blocks * self.block_size)
+            self.space.grow(nr_blocks)
+            self.dirty = True
+        if self.failed and "metadata" in self.failed and self.store.free_pages > METADATA_RESERVE_PAGES:
+            self.failed = None  # extending the metadata recovers from metadata-full
+        self.commit()
+
+    # --- statistics ----------------------------------------------------------------------
+
+    def device_usage(self, dev: Device) -> tuple[int, int]:
+        """``(exclusive, shared)`` mapped blocks of a device."""
+        exclusive = shared = 0
+        counts = self.space.counts
+        for _, leaf, path_shared in Tree.leaves(dev.root):
+            for entry in leaf.entries:
+                if entry == UNMAPPED:
+                    continue
+                if path_shared or counts[entry >> TIME_BITS] > 1:
+                    shared += 1
+                else:
+                    exclusive += 1
+        return exclusive, shared
+
+    def extents(self, dev: Device) -> list[dict]:
+        """Mapped extents: runs of virtual blocks on contiguous data blocks with one sharing state."""
+        out: list[dict] = []
+        counts = self.space.counts
+        for leaf_index, leaf, path_shared in Tree.leaves(dev.root):
+            base = leaf_index * FANOUT
+            for slot, entry in enumerate(leaf.entries):
+                if entry == UNMAPPED:
+                    continue
+                block = entry >> TIME_BITS
+                shared = path_shared or counts[block] > 1
+                vb = base + slot
+                last = out[-1] if out else None
+                if (last and last["shared"] == shared and last["virtual_block"] + last["blocks"] == vb
+                        and last["data_block"] + last["blocks"] == block):
+                    last["blocks"] += 1
+                else:
+                    out.append({"virtual_block": vb, "data_block": block, "blocks": 1, "shared": shared})
+        return out
+
+    def mappings(self, dev: Device):
+        """Yield ``(virtual_block, data_block, time)`` for every mapping, in order."""
+        for leaf_index, leaf, _ in Tree.leaves(dev.root):
+            base = leaf_index * FANOUT
+            for slot, entry in enumerate(leaf.entries):
+                if entry != UNMAPPED:
+                    yield base + slot, entry >> TIME_BITS, entry & TIME_MASK
+
+    def stats(self) -> dict:
+        """Exact figures behind ``fusepool info`` (bytes, counts)."""
+        bs = self.block_size
+        data_total = self.nr_blocks * bs
+        data_used = self.space.used * bs
+        host_free = self.data.host_free_bytes()
+        meta = self.store.superblock.nr_meta_pages * PAGE_SIZE
+        meta_used = self.store.used_pages * PAGE_SIZE
+        deferred = sum(1 for d in self.devices.values() if d.deleted)
+        return {
+            "pool_name": os.path.basename(self.path.rstrip("/")) or self.path,
+            "pool_dir": self.path,
+            "mode": self.config.mode,
+            "block_size": bs,
+            "base_size": self.config.base_size,
+            "backing_filesystem": host_filesystem(self.path),
+            "data_file": os.path.join(self.path, DATA),
+            "metadata_file": os.path.join(self.path, METADATA),
+            "data_space_used": data_used,
+            "data_space_total": data_total,
+            # Loop mode promises space it has not reserved: the host caps it (as Docker reports).
+            "data_space_available": max(0, min(data_total - data_used, host_free)),
+            "metadata_space_used": meta_used,
+            "metadata_space_total": meta,
+            "metadata_space_available": max(0, min(meta - meta_used, host_free)),
+            "min_free_space": int(data_total * self.config.min_free_space / 100),
+            "min_free_space_percent": self.config.min_free_space,
+            "skip_block_zeroing": self.config.skip_block_zeroing,
+            "deferred_deleted_device_count": deferred,
+            "volume_count": len(self.names),
+            "data_blocks_total": self.nr_blocks,
+            "data_blocks_used": self.space.used,
+            "data_blocks_free": self.space.free,
+            "host_free_bytes": host_free,
+            "host_allocated_bytes": self.data.allocated_bytes(),
+            "transaction_id": self.transaction_id,
+            "time": self.time,
+            "read_only": self.failed,
+            "library_version": f"fusepool {__version__}",
+        }
+
+    def describe(self, dev: Device, usage: bool = True) -> dict:
+        """Everything about one device, for ``list --json`` and ``inspect``."""
+        out = {
+            "name": dev.name, "dev_id": dev.dev_id, "size": dev.size,
+            "mapped_blocks": dev.mapped_blocks, "mapped_bytes": dev.mapped_blocks * self.block_size,
+            "origin": self.devices[dev.origin].name if dev.origin in self.devices else None,
+            "origin_dev_id": dev.origin, "creation_time": dev.creation_time,
+            "snap_time": dev.snap_time, "transaction": dev.transaction, "created": dev.created,
+            "open_count": dev.open_count, "deleted": dev.deleted,
+        }
+        if usage:
+            out["exclusive_blocks"], out["shared_blocks"] = self.device_usage(dev)
+        return out
+
+
+def min_metadata_pages(nr_blocks: int) -> int:
+    """Metadata pages a pool needs at the least: two copies of the space map and slack."""
+    from fusepool.metadata.format import COUNTS_PER_PAGE
+
+    return 2 * ((nr_blocks + COUNTS_PER_PAGE - 1) // COUNTS_PER_PAGE) + 2 * METADATA_RESERVE_PAGES
+
+
+def host_filesystem(path: str) -> str:
+    """The type of the filesystem holding ``path`` (longest mount point prefix)."""
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, parts[2]
+    except OSError:
+        pass
+    return fstype
