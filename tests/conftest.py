@@ -1,0 +1,154 @@
+"""Shared fixtures: pools in tmp dirs, and real FUSE mounts served by a subprocess.
+
+A process must never touch a mount it serves itself (it would deadlock), so
+every mount here is a separate daemon started with ``fusepool mount``.  Each
+mount fixture unmounts in teardown even when the test failed: first the clean
+way (``fusepool umount``), then SIGKILL and a lazy unmount.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FUSEPOOL = [sys.executable, "-m", "fusepool"]
+SMALL_POOL = ["--data-size", "512M", "--metadata-size", "64M"]
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_warnings(caplog):
+    """An engine WARNING (or worse) that a test did not ask for fails the test."""
+    yield
+    bad = [r for r in caplog.get_records("call") if r.levelno >= logging.WARNING
+           and not getattr(r, "expected", False)]
+    if bad and not getattr(caplog, "allow_warnings", False):
+        pytest.fail("unexpected log records: " + "; ".join(r.getMessage() for r in bad))
+
+
+def run_fusepool(*args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess; ``check`` asserts exit status 0."""
+    proc = subprocess.run([*FUSEPOOL, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fusepool {' '.join(map(str, args))} failed ({proc.returncode}): "
+                             f"{proc.stderr.strip()}")
+    return proc
+
+
+def fusepool_json(*args):
+    return json.loads(run_fusepool(*args, "--json").stdout)
+
+
+def lazy_unmount(mountpoint) -> None:
+    mountpoint = str(mountpoint)
+    cmd = ["umount", "-l", mountpoint] if os.getuid() == 0 else ["fusermount3", "-u", "-z", mountpoint]
+    subprocess.run(cmd, capture_output=True, check=False)
+
+
+def is_mounted(mountpoint) -> bool:
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def daemon_pid(mountpoint) -> int | None:
+    try:
+        return json.loads(os.getxattr(str(mountpoint), "user.fusepool"))["pid"]
+    except OSError:
+        return None
+
+
+class Mount:
+    """A pool mounted by a daemon subprocess."""
+
+    def __init__(self, pool: Path, mountpoint: Path, *extra):
+        self.pool = pool
+        self.mountpoint = mountpoint
+        self.extra = extra
+        self.pid = None
+
+    def vol(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def mount(self):
+        run_fusepool("mount", self.pool, self.mountpoint, *self.extra)
+        self.pid = daemon_pid(self.mountpoint)
+        assert self.pid, "mounted, but the daemon does not answer"
+        return self
+
+    def umount(self):
+        run_fusepool("umount", self.mountpoint)
+        assert not is_mounted(self.mountpoint)
+        self.pid = None
+
+    def kill(self):
+        """SIGKILL the daemon (a crash) and clear its dead mount."""
+        os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+            with open(f"/proc/{self.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        lazy_unmount(self.mountpoint)
+        self.pid = None
+
+    def cleanup(self):
+        if is_mounted(self.mountpoint):
+            if run_fusepool("umount", self.mountpoint, "--force", check=False, timeout=60).returncode:
+                if self.pid:
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            lazy_unmount(self.mountpoint)
+
+
+@pytest.fixture
+def make_pool(tmp_path):
+    """``make_pool(name='pool', *init_args)`` -> an initialised pool directory."""
+
+    def make(name="pool", *args):
+        pool = tmp_path / name
+        run_fusepool("init", pool, *(args or SMALL_POOL))
+        return pool
+
+    return make
+
+
+@pytest.fixture
+def pool(make_pool):
+    return make_pool()
+
+
+@pytest.fixture
+def make_mount(tmp_path):
+    """``make_mount(pool, *mount_args)`` -> a mounted :class:`Mount`; unmounted at teardown."""
+    mounts = []
+
+    def make(pool_dir, *extra, name=None):
+        mnt = tmp_path / (name or f"mnt{len(mounts)}")
+        mnt.mkdir(exist_ok=True)
+        m = Mount(pool_dir, mnt, *extra)
+        mounts.append(m)
+        return m.mount()
+
+    yield make
+    for m in mounts:
+        m.cleanup()
+
+
+@pytest.fixture
+def mounted(pool, make_mount):
+    return make_mount(pool)
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
