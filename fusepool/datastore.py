@@ -15,6 +15,7 @@ import os
 
 log = logging.getLogger(__name__)
 
+_IOV_MAX = 1024  # buffers one pwritev may take
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -50,10 +51,13 @@ class DataStore:
 
     def write(self, position: int, buffers: list) -> None:
         """One pwritev of ``buffers`` at byte ``position`` of the image."""
-        total = sum(len(b) for b in buffers)
-        done = os.pwritev(self.fd, buffers, position)
-        if done != total:  # short write: the host filesystem filled up mid-way
-            raise OSError(errno.ENOSPC, "short write to the data image")
+        for i in range(0, len(buffers), _IOV_MAX):
+            chunk = buffers[i : i + _IOV_MAX]
+            total = sum(len(b) for b in chunk)
+            done = os.pwritev(self.fd, chunk, position)
+            if done != total:  # short write: the host filesystem filled up mid-way
+                raise OSError(errno.ENOSPC, "short write to the data image")
+            position += total
 
     def flush(self) -> None:
         os.fdatasync(self.fd)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CURRENT, PREVIOUS, PENDING = 1, 2, 4
 _ROOT_PAYLOAD = PAGE_SIZE - HEADER_SIZE
+_IOV_MAX = 1024  # buffers one pwritev may take
 # After a commit: CURRENT|PENDING -> CURRENT, CURRENT -> PREVIOUS as well.
 _AFTER_COMMIT = bytes(((v & CURRENT) << 1) | (CURRENT if v & (CURRENT | PENDING) else 0)
                       for v in range(256))
@@ -262,7 +263,7 @@ class MetadataStore:
         i = 0
         while i < len(writes):
             j = i + 1
-            while j < len(writes) and writes[j][0] == writes[j - 1][0] + 1:
+            while j < len(writes) and writes[j][0] == writes[j - 1][0] + 1 and j - i < _IOV_MAX:
                 j += 1
             os.pwritev(self.fd, [w[1] for w in writes[i:j]], writes[i][0] * PAGE_SIZE)
             i = j
