@@ -268,6 +268,61 @@ def cmd_extend(a) -> None:
           f"metadata space {human_size(st['metadata_space_total'])}")
 
 
+def progress_bar(label: str):
+    """A progress callback drawing on stderr when it is a terminal (else silent)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        text = f"{done}/{total}" if total else f"{done}"
+        sys.stderr.write(f"\r{label}: {text} pages read ")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_check(a) -> int:
+    from fusepool.check import check_offline
+
+    pool_dir = os.path.abspath(a.pool)
+    from fusepool.config import PoolConfig
+
+    PoolConfig.load(pool_dir)
+    try:
+        report = control.request(pool_dir, "check")
+    except (FileNotFoundError, ConnectionRefusedError):
+        report = check_offline(pool_dir, progress_bar("checking")).to_json()
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    if a.json:
+        emit_json(report)
+    else:
+        print(f"transaction {report['transaction']}: {report['devices']} devices, {report['nodes']} "
+              f"node pages, {report['mappings']} mappings, {report['used_blocks']} of "
+              f"{report['data_blocks']} data blocks in use")
+        for note in report["notes"]:
+            print(f"note: {note}")
+        for p in report["problems"]:
+            print(f"{'error' if p['fatal'] else 'leak'}: {p['kind']}: {p['message']}")
+        print("clean" if report["ok"] else f"{len(report['problems'])} problem(s) found; "
+              f"`fusepool repair {a.pool}` rebuilds what can be rebuilt")
+    return 0 if report["ok"] else 1
+
+
+def cmd_repair(a) -> None:
+    from fusepool.check import repair
+
+    pool_dir = os.path.abspath(a.pool)
+    from fusepool.config import PoolConfig
+
+    PoolConfig.load(pool_dir)
+    status = daemon_status(pool_dir)
+    if status:
+        raise PoolError(f"pool {pool_dir} is mounted at {status['mountpoint']}: unmount it before repair")
+    for line in repair(pool_dir, progress_bar("reading")):
+        print(line)
+
+
 # --- the parser -------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
@@ -357,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("offset", metavar="OFFSET")
     sp.add_argument("length", metavar="LENGTH")
 
+    sp = add("check", cmd_check, "verify the metadata (exit 1 if problems are found); changes nothing")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("repair", cmd_repair, "rebuild the metadata from its newest intact commit")
+    sp.add_argument("pool", metavar="POOL")
+
     sp = add("extend", cmd_extend, "grow the pool's data and/or metadata space")
     sp.add_argument("pool", metavar="POOL")
     sp.add_argument("--data-size", metavar="SIZE")
@@ -382,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "mount":
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
-        args.func(args)
+        status = args.func(args)
     except PoolError as exc:
         print(f"fusepool: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -392,4 +454,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fusepool: error: {exc.strerror or exc}"
               + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1
-    return 0
+    return status or 0

@@ -128,6 +128,11 @@ class Daemon:
                 raise PoolBusy(f"{self.mountpoint} is busy: {busy} open file handle(s) on its volumes")
             pyfuse3.terminate()
             return {"pid": os.getpid()}
+        if op == "check":
+            from fusepool.check import check_pool
+
+            self.pool.commit()  # check what is in memory, as committed
+            return check_pool(self.pool.path).to_json()
         changes = commands.Changes()
         result = commands.run(self.pool, op, args, changes)
         for name in changes.names:  # the kernel may cache the entry, or its absence

@@ -512,6 +512,8 @@ class Pool:
         if not length:
             return 0
         end = offset + length
+        if end > MAX_VOLUME_SIZE:
+            raise InvalidArgument(f"write beyond the largest volume size ({MAX_VOLUME_SIZE} bytes)")
         bs = self.block_size
         view = memoryview(data)
         counts = self.space.counts
@@ -535,7 +537,8 @@ class Pool:
             entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
             block = entry >> TIME_BITS
             whole = hi - lo == bs
-            if whole and piece == self.zero_block:
+            # (a memoryview compared with bytes goes byte by byte: copy only likely zeros)
+            if whole and not piece[0] and bytes(piece) == self.zero_block:
                 if entry != UNMAPPED:
                     remap.append((vb, UNMAPPED))
             elif entry != UNMAPPED and not leaf_shared and counts[block] == 1:

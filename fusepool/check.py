@@ -1,0 +1,539 @@
+"""``fusepool check`` and ``fusepool repair``: verify and rebuild the metadata.
+
+The checker reads the metadata file itself, tolerating damage (the engine's
+loader stops at the first bad page); each invariant of the durable format
+(see :mod:`fusepool.metadata.format`) is verified by one method.  Problems are
+*fatal* when data could be lost or misread (a bad checksum, an under-counted
+block, a broken time model) and *leaks* when space is merely unaccounted for —
+thin-provisioning-tools' distinction.  Either makes ``check`` exit 1.
+
+``repair`` picks the newest commit whose pages all verify (falling back to the
+one before when the latest is damaged), or salvages what can be read from the
+newest one, recomputes reference counts and mapped-block counts, and writes
+the result as a fresh metadata file; the old one is kept as
+``metadata.damaged``.
+"""
+
+import logging
+import os
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import xxhash
+
+from fusepool.config import METADATA, PoolConfig, PoolLock
+from fusepool.errors import Corrupt, PoolError
+from fusepool.metadata.format import (
+    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, MAX_DEV_ID, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
+    PAGE_SPACEMAP, TIME_BITS, TIME_MASK, UNMAPPED, Superblock, decode_root, unpack_page,
+)
+from fusepool.metadata.spacemap import DataSpaceMap
+from fusepool.metadata.store import MetadataStore, read_superblocks
+from fusepool.metadata.tree import Node
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Problem:
+    kind: str  # superblock, root, spacemap, node, device, bounds, refcount, leak, time, count
+    message: str
+    fatal: bool = True
+
+
+@dataclass
+class Report:
+    transaction: int | None = None
+    slot: int | None = None
+    devices: int = 0
+    nodes: int = 0
+    mappings: int = 0
+    data_blocks: int = 0
+    used_blocks: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+
+@dataclass
+class _NodeInfo:
+    level: int
+    entries: array  # raw u64 entries: packed mappings in a leaf, child pages otherwise
+    reach: int = 0  # devices whose tree contains this node (counted per path)
+    min_snap: int = TIME_MASK + 1  # smallest snap_time among those devices
+    min_blocks: int = 1 << 62  # smallest size (in blocks) among those devices
+    base: int = 0  # first virtual block it covers (the same in every device that shares it)
+    mapped: int = -1  # mapped entries in the subtree (memoised)
+
+
+class Checker:
+    """Verify one commit of a metadata file, collecting every problem."""
+
+    def __init__(self, fd: int, block_size: int, slot: int | None = None,
+                 progress: Progress | None = None):
+        self.fd = fd
+        self.block_size = block_size
+        self.want_slot = slot
+        self.progress = progress
+        self.report = Report()
+        self.nodes: dict[int, _NodeInfo] = {}
+        self.page_kind: dict[int, str] = {}
+        self.sb: Superblock | None = None
+        self.state: dict | None = None
+        self.stored_counts: array | None = None
+        self.bad_subtrees: dict[int, str] = {}  # page -> why it could not be read
+
+    def problem(self, kind: str, message: str, fatal: bool = True) -> None:
+        self.report.problems.append(Problem(kind, message, fatal))
+
+    def run(self) -> Report:
+        if not self.check_superblocks():
+            return self.report
+        if not self.check_root_record():
+            return self.report
+        self.check_device_table()
+        self.check_space_map()
+        self.walk_trees()
+        self.check_mapped_counts()
+        self.check_references()
+        return self.report
+
+    # --- one method per invariant -------------------------------------------------
+
+    def check_superblocks(self) -> bool:
+        """At least one slot verifies; the newest valid one (or the one asked for) is used."""
+        valid = []
+        for slot, sb in read_superblocks(self.fd):
+            if isinstance(sb, Superblock):
+                valid.append((sb.transaction_id, slot, sb))
+            elif self.want_slot is None and any(os.pread(self.fd, PAGE_SIZE, slot * PAGE_SIZE)):
+                self.report.notes.append(f"superblock slot {slot}: {sb}")
+        if self.want_slot is not None:
+            valid = [v for v in valid if v[1] == self.want_slot]
+        if not valid:
+            self.problem("superblock", "no valid superblock: the metadata cannot be read")
+            return False
+        txn, slot, sb = max(valid)
+        self.sb, self.report.transaction, self.report.slot = sb, txn, slot
+        self.report.data_blocks = sb.nr_data_blocks
+        if sb.block_size != self.block_size:
+            self.problem("superblock", f"block size {sb.block_size} differs from pool.json ({self.block_size})")
+        size = os.fstat(self.fd).st_size
+        if size < sb.nr_meta_pages * PAGE_SIZE:
+            self.problem("superblock", f"metadata file is {size} bytes, superblock says "
+                         f"{sb.nr_meta_pages} pages")
+        return True
+
+    def _read(self, page_no: int, kind: int, what: str):
+        """A verified page payload, or None (the problem is recorded)."""
+        if not FIRST_DATA_PAGE <= page_no < self.sb.nr_meta_pages:
+            self.problem("bounds", f"{what}: page number {page_no} is outside the metadata file")
+            return None
+        owner = self.page_kind.get(page_no)
+        if owner is not None and owner != what.split()[0]:
+            self.problem("bounds", f"{what}: page {page_no} is also used as {owner}")
+        self.page_kind[page_no] = what.split()[0]
+        try:
+            return unpack_page(os.pread(self.fd, PAGE_SIZE, page_no * PAGE_SIZE), page_no, kind)
+        except Corrupt as exc:
+            self.problem("checksum", f"{what}: {exc}")
+            return None
+
+    def check_root_record(self) -> bool:
+        blob = bytearray()
+        for page_no in self.sb.root_pages:
+            page = self._read(page_no, PAGE_ROOT, "root-record page")
+            if page is None:
+                return False
+            blob += page[2]
+        blob = bytes(blob[: self.sb.root_len])
+        if xxhash.xxh64_intdigest(blob) != self.sb.root_checksum:
+            self.problem("checksum", "root record: checksum mismatch")
+            return False
+        try:
+            self.state, self.spacemap_pages = decode_root(blob)
+        except Corrupt as exc:
+            self.problem("root", str(exc))
+            return False
+        self.report.devices = len(self.state.get("devices", []))
+        return True
+
+    def check_device_table(self) -> None:
+        """Unique ids and names; dm-thin's time model holds for every device."""
+        ids, names = set(), set()
+        pool_time = self.sb.time
+        for dev in self.state["devices"]:
+            dev_id, name = dev.get("dev_id"), dev.get("name")
+            if not isinstance(dev_id, int) or not 0 <= dev_id <= MAX_DEV_ID:
+                self.problem("device", f"device id {dev_id!r} is not a 24-bit number")
+            if dev_id in ids:
+                self.problem("device", f"device id {dev_id} appears twice")
+            ids.add(dev_id)
+            if not dev.get("deleted"):
+                if name in names:
+                    self.problem("device", f"volume name {name!r} appears twice")
+                names.add(name)
+            if not dev["creation_time"] <= dev["snap_time"] <= pool_time:
+                self.problem("time", f"device {dev_id}: creation_time {dev['creation_time']} <= "
+                             f"snap_time {dev['snap_time']} <= pool time {pool_time} does not hold")
+
+    def check_space_map(self) -> None:
+        nr = self.sb.nr_data_blocks
+        expected = (nr + COUNTS_PER_PAGE - 1) // COUNTS_PER_PAGE
+        if len(self.spacemap_pages) != expected:
+            self.problem("spacemap", f"space map has {len(self.spacemap_pages)} pages, "
+                         f"{expected} needed for {nr} blocks")
+        counts = array("I")
+        for index, page_no in enumerate(self.spacemap_pages[:expected]):
+            n = min(COUNTS_PER_PAGE, nr - index * COUNTS_PER_PAGE)
+            page = self._read(page_no, PAGE_SPACEMAP, f"space-map page {index}")
+            if page is None:
+                counts.extend(array("I", bytes(4 * n)))
+                continue
+            counts.frombytes(page[2][: 4 * n])
+        counts.extend(array("I", bytes(4 * (nr - len(counts)))))
+        self.stored_counts = counts
+
+    def walk_trees(self) -> None:
+        """Read every node once; check levels and bounds; propagate device reach."""
+        devices = self.state["devices"]
+        pending: list[tuple[int, int | None, str]] = []  # (page, expected level, owner)
+        for dev in devices:
+            if dev["root"]:
+                pending.append((dev["root"], None, f"device {dev['dev_id']}"))
+        done = 0
+        while pending:
+            page_no, want_level, owner = pending.pop()
+            if page_no in self.nodes or page_no in self.bad_subtrees:
+                continue
+            page = self._read(page_no, PAGE_NODE, f"node page {page_no} (of {owner})")
+            if page is None:
+                self.bad_subtrees[page_no] = "unreadable"
+                continue
+            level, _, payload = page
+            if want_level is not None and level != want_level:
+                self.problem("node", f"node page {page_no} (of {owner}) has level {level}, expected {want_level}")
+                self.bad_subtrees[page_no] = "wrong level"
+                continue
+            entries = array("Q")
+            entries.frombytes(payload[: 8 * FANOUT])
+            self.nodes[page_no] = _NodeInfo(level, entries)
+            if level:
+                pending.extend((c, level - 1, owner) for c in entries if c)
+            done += 1
+            if self.progress and done % 256 == 0:
+                self.progress(done, 0)
+        self.report.nodes = len(self.nodes)
+        # Reach and smallest snap_time, parents before children (higher levels first).
+        for dev in devices:
+            info = self.nodes.get(dev["root"])
+            if info is not None:
+                blocks = max(1, (dev["size"] + self.block_size - 1) // self.block_size)
+                info.reach += 1
+                info.min_snap = min(info.min_snap, dev["snap_time"])
+                info.min_blocks = min(info.min_blocks, blocks)
+                if FANOUT ** (info.level + 1) < blocks:
+                    self.problem("node", f"device {dev['dev_id']}: tree of height {info.level} "
+                                 f"cannot address its {blocks} blocks")
+        for page_no in sorted(self.nodes, key=lambda p: -self.nodes[p].level):
+            info = self.nodes[page_no]
+            if info.level:
+                span = FANOUT ** info.level
+                for i, child in enumerate(info.entries):
+                    c = self.nodes.get(child) if child else None
+                    if c is not None:
+                        c.reach += info.reach
+                        c.min_snap = min(c.min_snap, info.min_snap)
+                        c.min_blocks = min(c.min_blocks, info.min_blocks)
+                        c.base = info.base + i * span
+
+    def _mapped(self, page_no: int) -> int:
+        info = self.nodes.get(page_no)
+        if info is None:
+            return 0
+        if info.mapped < 0:
+            if info.level == 0:
+                info.mapped = FANOUT - info.entries.count(UNMAPPED)
+            else:
+                info.mapped = sum(self._mapped(c) for c in info.entries if c)
+        return info.mapped
+
+    def check_mapped_counts(self) -> None:
+        for dev in self.state["devices"]:
+            if dev["root"] in self.bad_subtrees:
+                continue
+            found = self._mapped(dev["root"]) if dev["root"] else 0
+            if found != dev["mapped_blocks"]:
+                self.problem("count", f"device {dev['dev_id']} ({dev['name']}): records "
+                             f"{dev['mapped_blocks']} mapped blocks, its tree maps {found}")
+            self.report.mappings += found
+
+    def check_references(self) -> None:
+        """Reference counts equal references; shared blocks are seen as shared (time model)."""
+        nr = self.sb.nr_data_blocks
+        refs = array("I", bytes(4 * nr))  # leaves mapping each block (what the space map counts)
+        dev_refs = array("I", bytes(4 * nr))  # devices mapping each block
+        pool_time = self.sb.time
+        leaves = [(p, i) for p, i in self.nodes.items() if i.level == 0]
+        for page_no, info in leaves:
+            for slot, entry in enumerate(info.entries):
+                if entry == UNMAPPED:
+                    continue
+                if info.base + slot >= info.min_blocks:
+                    self.problem("bounds", f"node page {page_no}: virtual block {info.base + slot} is "
+                                 f"mapped beyond the end of a device ({info.min_blocks} blocks)")
+                block, t = entry >> TIME_BITS, entry & TIME_MASK
+                if block >= nr:
+                    self.problem("bounds", f"node page {page_no} maps data block {block}, "
+                                 f"beyond the pool's {nr} blocks")
+                    continue
+                if t > pool_time:
+                    self.problem("time", f"data block {block}: mapping time {t} is after the pool time {pool_time}")
+                refs[block] += 1
+                dev_refs[block] += info.reach
+        time_problems = 0
+        for page_no, info in leaves:
+            for entry in info.entries:
+                if entry == UNMAPPED:
+                    continue
+                block, t = entry >> TIME_BITS, entry & TIME_MASK
+                if block < nr and dev_refs[block] > 1 and t >= info.min_snap:
+                    time_problems += 1
+                    if time_problems <= 20:
+                        self.problem("time", f"data block {block} is shared by {dev_refs[block]} device "
+                                     f"mappings but mapped at time {t}, not before every sharer's "
+                                     f"snap_time (min {info.min_snap}): a kernel would overwrite it in place")
+        if time_problems > 20:
+            self.problem("time", f"... and {time_problems - 20} more time-model problems")
+        stored = self.stored_counts
+        under = leaked = 0
+        for block in range(nr):
+            s, r = stored[block], refs[block]
+            if s == r:
+                continue
+            if s < r:
+                under += 1
+                if under <= 20:
+                    self.problem("refcount", f"data block {block}: reference count {s} but {r} "
+                                 "references (under-counted: it could be reused while in use)")
+            elif not self.bad_subtrees:
+                leaked += 1
+                if leaked <= 20:
+                    self.problem("leak", f"data block {block}: reference count {s} but {r} references "
+                                 "(leaked space; `fusepool repair` reclaims it)", fatal=False)
+        if under > 20:
+            self.problem("refcount", f"... and {under - 20} more under-counted blocks")
+        if leaked > 20:
+            self.problem("leak", f"... and {leaked - 20} more leaked blocks", fatal=False)
+        self.report.used_blocks = nr - sum(1 for c in stored if not c)
+        self.refs = refs
+
+
+def _open_checked(pool_dir: str) -> tuple[PoolConfig, int]:
+    config = PoolConfig.load(pool_dir)
+    path = os.path.join(pool_dir, METADATA)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise PoolError(f"{path}: {exc.strerror}") from None
+    return config, fd
+
+
+def check_pool(pool_dir: str, progress: Progress | None = None, slot: int | None = None) -> Report:
+    """Check the pool at ``pool_dir``; the caller holds its lock (or the daemon does)."""
+    config, fd = _open_checked(pool_dir)
+    try:
+        report = Checker(fd, config.block_size, slot, progress).run()
+        data_path = os.path.join(pool_dir, "data")
+        if report.transaction is not None and os.path.exists(data_path):
+            need = report.data_blocks * config.block_size
+            have = os.stat(data_path).st_size
+            if have < need:
+                report.problems.append(Problem("bounds", f"data file is {have} bytes, the pool needs {need}"))
+        return report
+    finally:
+        os.close(fd)
+
+
+def check_offline(pool_dir: str, progress: Progress | None = None) -> Report:
+    lock = PoolLock(pool_dir)
+    try:
+        return check_pool(pool_dir, progress)
+    finally:
+        lock.release()
+
+
+# --- repair --------------------------------------------------------------------------------
+
+def repair(pool_dir: str, progress: Progress | None = None) -> list[str]:
+    """Rebuild the metadata from the best commit; returns what was done and dropped."""
+    pool_dir = os.path.abspath(pool_dir)
+    lock = PoolLock(pool_dir)
+    try:
+        return _repair_locked(pool_dir, progress)
+    finally:
+        lock.release()
+
+
+def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
+    config, fd = _open_checked(pool_dir)
+    said: list[str] = []
+    try:
+        candidates = sorted(((sb.transaction_id, slot) for slot, sb in read_superblocks(fd)
+                             if isinstance(sb, Superblock)), reverse=True)
+        if not candidates:
+            raise Corrupt("no valid superblock: nothing to rebuild from")
+        chosen = None
+        for txn, slot in candidates:
+            checker = Checker(fd, config.block_size, slot, progress)
+            report = checker.run()
+            structural = [p for p in report.problems if p.kind in ("checksum", "superblock", "root", "node")]
+            if not structural:
+                chosen = checker
+                if txn != candidates[0][0]:
+                    said.append(f"the newest commit (transaction {candidates[0][0]}) is damaged; "
+                                f"rebuilt from transaction {txn}")
+                break
+        if chosen is None:
+            # Salvage: the newest commit with a readable root record, minus its damaged subtrees.
+            for txn, slot in candidates:
+                checker = Checker(fd, config.block_size, slot, progress)
+                checker.run()
+                if checker.state is not None:
+                    chosen = checker
+                    said.append(f"both commits are damaged; salvaging transaction {txn}")
+                    break
+            if chosen is None:
+                raise Corrupt("no commit has a readable device table: nothing to rebuild from")
+        fixed = [p.message for p in chosen.report.problems]
+        state, roots = _rebuild(chosen, said)
+        sb = chosen.sb
+        new_sb = Superblock(sb.uuid, sb.transaction_id, sb.time, sb.block_size, sb.nr_data_blocks,
+                            sb.nr_meta_pages)
+        counts = array("I", bytes(4 * sb.nr_data_blocks))
+        seen: set[int] = set()
+        for root in roots.values():
+            if root is not None:
+                _count_leaves(root, counts, seen)
+        new_path = os.path.join(pool_dir, METADATA + ".repair")
+        try:
+            os.unlink(new_path)
+        except FileNotFoundError:
+            pass
+        _write_fresh(new_path, new_sb, state, roots, counts)
+        old = os.path.join(pool_dir, METADATA)
+        os.replace(old, os.path.join(pool_dir, METADATA + ".damaged"))
+        os.replace(new_path, old)
+        dir_fd = os.open(pool_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        for message in fixed:
+            said.append(f"fixed: {message}")
+        said.append(f"wrote new metadata at transaction {new_sb.transaction_id + 1}; the old file "
+                    f"is kept as {METADATA}.damaged")
+        return said
+    finally:
+        os.close(fd)
+
+
+def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
+    """In-memory trees (all dirty) from what the checker read, dropping what it could not."""
+    built: dict[int, Node] = {}
+
+    def build(page_no: int) -> Node | None:
+        if page_no in built:
+            built[page_no].share += 1
+            return built[page_no]
+        info = checker.nodes.get(page_no)
+        if info is None:
+            return None
+        if info.level == 0:
+            node = Node(0, array("Q", info.entries))
+            for i, entry in enumerate(node.entries):
+                if entry != UNMAPPED and entry >> TIME_BITS >= checker.sb.nr_data_blocks:
+                    node.entries[i] = UNMAPPED
+        else:
+            node = Node(info.level, [build(c) if c else None for c in info.entries])
+        built[page_no] = node
+        return node
+
+    devices, roots = [], {}
+    for dev in checker.state["devices"]:
+        root = build(dev["root"]) if dev["root"] else None
+        if dev["root"] and root is None:
+            said.append(f"dropped all mappings of device {dev['dev_id']} ({dev['name']}): its root is unreadable")
+        lost = _lost_subtrees(checker, dev["root"]) if dev["root"] else 0
+        if lost:
+            said.append(f"device {dev['dev_id']} ({dev['name']}): {lost} unreadable node page(s) dropped; "
+                        "those ranges now read as zeros")
+        dev = dict(dev)
+        dev["mapped_blocks"] = _count_mapped(root)
+        devices.append(dev)
+        roots[dev["dev_id"]] = root
+    state = dict(checker.state)
+    state["devices"] = devices
+    return state, roots
+
+
+def _lost_subtrees(checker: Checker, root_page: int) -> int:
+    lost, stack, seen = 0, [root_page], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        if p in checker.bad_subtrees:
+            lost += 1
+            continue
+        info = checker.nodes.get(p)
+        if info is not None and info.level:
+            stack.extend(c for c in info.entries if c)
+    return lost
+
+
+def _count_mapped(root: Node | None) -> int:
+    if root is None:
+        return 0
+    if root.level == 0:
+        return FANOUT - root.entries.count(UNMAPPED)
+    return sum(_count_mapped(c) for c in root.entries if c is not None)
+
+
+def _count_leaves(node: Node, counts: array, seen: set) -> None:
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if node.level == 0:
+        for entry in node.entries:
+            if entry != UNMAPPED:
+                counts[entry >> TIME_BITS] += 1
+    else:
+        for child in node.entries:
+            if child is not None:
+                _count_leaves(child, counts, seen)
+
+
+def _write_fresh(path: str, sb: Superblock, state: dict, roots: dict, counts: array) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, sb.nr_meta_pages * PAGE_SIZE)
+        store = MetadataStore(path, fd, sb)
+        spacemap = DataSpaceMap(sb.nr_data_blocks, counts)
+        store.spacemap_pages = [0] * spacemap.nr_pages
+        spacemap.dirty_pages = set(range(spacemap.nr_pages))
+        store.commit(state, roots, spacemap, sb.time, sb.nr_data_blocks, flags=0)
+    finally:
+        os.close(fd)
