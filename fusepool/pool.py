@@ -196,7 +196,8 @@ class Pool:
             if not dev.deleted:
                 self.names[dev.name] = dev.dev_id
         self.data = DataStore(os.path.join(path, DATA), self.block_size, readonly)
-        self.dirty = False
+        self.dirty = False  # metadata changed since the last commit
+        self.data_dirty = False  # data written since the last flush
         self.commits = 0
         if sb.flags & FLAG_NEEDS_CHECK:
             log.warning("pool %s is flagged needs-check: run `fusepool check`", path)
@@ -232,10 +233,14 @@ class Pool:
         Returns the transaction id (unchanged when nothing was dirty).
         """
         if not self.dirty:
+            if self.data_dirty and not self.readonly:  # in-place overwrites: FLUSH the data
+                self.data.flush()
+                self.data_dirty = False
             return self.store.superblock.transaction_id
         self._check_writable()
         try:
             self.data.flush()
+            self.data_dirty = False
             state = {"next_dev_id": self.next_dev_id,
                      "devices": [d.to_record() for d in self.devices.values()]}
             roots = {d.dev_id: d.root for d in self.devices.values()}
@@ -517,6 +522,7 @@ class Pool:
         bs = self.block_size
         view = memoryview(data)
         counts = self.space.counts
+        snap_time = dev.snap_time
         zeroing = not self.config.skip_block_zeroing
         # Plan: decide every block's fate and allocate, touching no mapping yet.
         io: list[tuple[int, object]] = []  # (byte position in the data image, buffer)
@@ -541,8 +547,12 @@ class Pool:
             if whole and not piece[0] and bytes(piece) == self.zero_block:
                 if entry != UNMAPPED:
                     remap.append((vb, UNMAPPED))
-            elif entry != UNMAPPED and not leaf_shared and counts[block] == 1:
-                io.append((block * bs + lo, piece))  # exclusive: overwrite in place
+            elif (entry != UNMAPPED and not leaf_shared and counts[block] == 1
+                  and entry & TIME_MASK >= snap_time):
+                # Exclusive: overwrite in place.  dm-thin's time rule (mapped before the
+                # last snapshot => shared) also covers sharing that only the last *commit*
+                # still has, so a crash can never show this write in a snapshot.
+                io.append((block * bs + lo, piece))
             else:
                 try:
                     if not allocated:
@@ -572,6 +582,7 @@ class Pool:
             vb += 1
         # I/O: one pwritev per physically contiguous run.
         try:
+            self.data_dirty = True
             self._write_runs(io)
         except OSError as exc:
             self._undo_allocations(allocated)
@@ -635,6 +646,7 @@ class Pool:
         bs = self.block_size
         first = (offset + bs - 1) // bs
         last = (offset + length) // bs  # exclusive
+        self._ensure_metadata_room()
         changes = []
         for leaf_index in range(first // FANOUT, (last + FANOUT - 1) // FANOUT):
             leaf = Tree.leaf(dev.root, leaf_index)
@@ -651,34 +663,47 @@ class Pool:
     # --- pool size -------------------------------------------------------------------
 
     def extend(self, data_size: int | None = None, metadata_size: int | None = None) -> None:
-        """Grow the data and/or metadata space (never shrink)."""
-        self._check_writable()
-        if data_size is not None:
-            nr_blocks = data_size // self.block_size
-            if nr_blocks < self.nr_blocks:
-                raise InvalidArgument(f"cannot shrink the data space from {self.nr_blocks * self.block_size} "
-                                      f"to {data_size} bytes")
-            if nr_blocks >= 1 << (64 - TIME_BITS):
-                raise UsageError("data size too large")
+        """Grow the data and/or metadata space (never shrink).
+
+        Everything is validated before anything changes.  Growing the metadata
+        is allowed on a pool that went read-only for lack of metadata space,
+        and brings it back.
+        """
+        if self.readonly:
+            raise ReadOnlyPool("the pool is open read-only")
+        meta_pages = self.store.superblock.nr_meta_pages
+        nr_blocks = self.nr_blocks
         if metadata_size is not None:
-            pages = metadata_size // PAGE_SIZE
-            if pages < self.store.superblock.nr_meta_pages:
-                raise InvalidArgument("cannot shrink the metadata space")
+            if metadata_size // PAGE_SIZE < meta_pages:
+                raise InvalidArgument(f"cannot shrink the metadata space from {meta_pages * PAGE_SIZE} "
+                                      f"to {metadata_size} bytes")
             if metadata_size > MAX_METADATA_SIZE:
                 raise UsageError(f"metadata size is limited to {bytes_size(MAX_METADATA_SIZE)}")
-        if metadata_size is not None and metadata_size // PAGE_SIZE > self.store.superblock.nr_meta_pages:
-            self.store.grow(metadata_size // PAGE_SIZE)
-            self.dirty = True
-        if data_size is not None and data_size // self.block_size > self.nr_blocks:
+            meta_pages = metadata_size // PAGE_SIZE
+        if data_size is not None:
+            if data_size // self.block_size < nr_blocks:
+                raise InvalidArgument(f"cannot shrink the data space from {nr_blocks * self.block_size} "
+                                      f"to {data_size} bytes")
+            if data_size // self.block_size >= 1 << (64 - TIME_BITS):
+                raise UsageError("data size too large")
             nr_blocks = data_size // self.block_size
-            if self.store.superblock.nr_meta_pages < min_metadata_pages(nr_blocks):
-                raise UsageError("metadata space too small for that data size: extend it too "
-                                 "(--metadata-size)")
+        if meta_pages < min_metadata_pages(nr_blocks):
+            raise UsageError(f"metadata space too small for {nr_blocks} data blocks: extend it to at "
+                             f"least {bytes_size(min_metadata_pages(nr_blocks) * PAGE_SIZE)} too "
+                             "(--metadata-size)")
+        if self.failed is not None and not (meta_pages > self.store.superblock.nr_meta_pages
+                                            and "metadata" in self.failed):
+            self._check_writable()
+        if meta_pages > self.store.superblock.nr_meta_pages:
+            self.store.grow(meta_pages)
+            self.dirty = True
+            if self.failed is not None and "metadata" in self.failed:
+                log.info("metadata extended: pool %s is writable again", self.path)
+                self.failed = None
+        if nr_blocks > self.nr_blocks:
             self.data.grow(nr_blocks * self.block_size)
             self.space.grow(nr_blocks)
             self.dirty = True
-        if self.failed and "metadata" in self.failed and self.store.free_pages > METADATA_RESERVE_PAGES:
-            self.failed = None  # extending the metadata recovers from metadata-full
         self.commit()
 
     # --- statistics ----------------------------------------------------------------------

@@ -69,6 +69,7 @@ class MetadataStore:
         self.released: list[int] = []  # CURRENT pages no longer referenced in memory
         self.spacemap_pages: list[int] = []
         self.cursor = FIRST_DATA_PAGE
+        self._free: int | None = None  # cached count of free pages
 
     # --- creating and opening ------------------------------------------------
 
@@ -161,11 +162,13 @@ class MetadataStore:
 
     @property
     def free_pages(self) -> int:
-        return self.page_state.count(0)
+        if self._free is None:
+            self._free = self.page_state.count(0)
+        return self._free
 
     @property
     def used_pages(self) -> int:
-        return len(self.page_state) - self.page_state.count(0)
+        return len(self.page_state) - self.free_pages
 
     def release(self, page_no: int) -> None:
         """A committed page is no longer referenced by the in-memory state."""
@@ -179,12 +182,15 @@ class MetadataStore:
                 raise MetadataFull("metadata space exhausted")
         self.page_state[i] = PENDING
         self.cursor = i + 1
+        if self._free is not None:
+            self._free -= 1
         return i
 
     def grow(self, nr_meta_pages: int) -> None:
         os.ftruncate(self.fd, nr_meta_pages * PAGE_SIZE)
         self.page_state.extend(bytes(nr_meta_pages - len(self.page_state)))
         self.superblock.nr_meta_pages = nr_meta_pages
+        self._free = None
 
     # --- commit ----------------------------------------------------------------
 
@@ -243,6 +249,7 @@ class MetadataStore:
                 node.page = None
             self.spacemap_pages = old_sm
             self.page_state = bytearray(self.page_state.translate(_DROP_PENDING))
+            self._free = None
             raise
         # The new commit is durable: retire what it no longer references.
         self.page_state = bytearray(self.page_state.translate(_AFTER_COMMIT))
@@ -253,6 +260,7 @@ class MetadataStore:
         for page_no in self.released:
             self.page_state[page_no] &= ~CURRENT
         self.released = []
+        self._free = None
         spacemap.dirty_pages = set()
         self.superblock = sb
         return txn

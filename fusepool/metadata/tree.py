@@ -86,7 +86,7 @@ class Tree:
         if node is None:
             return None
         level = node.level
-        if leaf_index >= FANOUT ** (level + 1):
+        if leaf_index >= FANOUT**level:  # a root at level L has FANOUT**L leaves below it
             return None
         while level:
             node = node.entries[(leaf_index // FANOUT ** (level - 1)) % FANOUT]
