@@ -219,7 +219,12 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode, flags, ctx):
-        return self._open_handle(self._dev_id(inode))
+        dev_id = self._dev_id(inode)
+        # libfuse passes O_TRUNC here (atomic_o_trunc) instead of a setattr: truncating
+        # would shrink the volume, which is refused like any other shrink.
+        if flags & os.O_TRUNC and self.pool.device(dev_id).size > 0:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._open_handle(dev_id)
 
     @fuse_errors
     async def read(self, fh, off, size):

@@ -528,6 +528,7 @@ class Pool:
         io: list[tuple[int, object]] = []  # (byte position in the data image, buffer)
         remap: list[tuple[int, int]] = []  # (virtual block, new data block or UNMAPPED)
         allocated: list[int] = []
+        maybe_zero: list[tuple[int, int]] = []  # exclusive blocks that may now be all zeros
         leaf_index, leaf, leaf_shared = -1, None, False
         written = 0
         vb = offset // bs
@@ -544,16 +545,33 @@ class Pool:
             block = entry >> TIME_BITS
             whole = hi - lo == bs
             # (a memoryview compared with bytes goes byte by byte: copy only likely zeros)
-            if whole and not piece[0] and bytes(piece) == self.zero_block:
-                if entry != UNMAPPED:
-                    remap.append((vb, UNMAPPED))
-            elif (entry != UNMAPPED and not leaf_shared and counts[block] == 1
-                  and entry & TIME_MASK >= snap_time):
+            zero = not piece[0] and bytes(piece) == self.zero_block[: hi - lo]
+            if entry == UNMAPPED:
+                if zero:  # unmapped blocks read as zeros already: nothing to store
+                    written += hi - lo
+                    pos = (vb + 1) * bs
+                    vb += 1
+                    continue
+                buf = piece if whole else None
+            elif zero and whole:
+                remap.append((vb, UNMAPPED))
+                buf = False
+            elif (not leaf_shared and counts[block] == 1 and entry & TIME_MASK >= snap_time):
                 # Exclusive: overwrite in place.  dm-thin's time rule (mapped before the
                 # last snapshot => shared) also covers sharing that only the last *commit*
                 # still has, so a crash can never show this write in a snapshot.
                 io.append((block * bs + lo, piece))
-            else:
+                if zero and hi == bs:  # zeros ending a block: it may be all zeros now
+                    maybe_zero.append((vb, block))
+                buf = False
+            else:  # shared: copy the block, unless the copy would be all zeros
+                buf = piece if whole else bytearray(self.data.read(block, 0, bs))
+                if not whole:
+                    buf[lo:hi] = piece
+                    if zero and buf == self.zero_block:
+                        remap.append((vb, UNMAPPED))
+                        buf = False
+            if buf is not False:
                 try:
                     if not allocated:
                         self._ensure_metadata_room()
@@ -564,11 +582,7 @@ class Pool:
                         raise
                     break
                 allocated.append(new)
-                if whole:
-                    io.append((new * bs, piece))
-                elif entry != UNMAPPED:  # break sharing: copy the whole block
-                    buf = bytearray(self.data.read(block, 0, bs))
-                    buf[lo:hi] = piece
+                if buf is not None:
                     io.append((new * bs, buf))
                 elif zeroing:
                     buf = bytearray(bs)
@@ -589,6 +603,9 @@ class Pool:
             if exc.errno == 28:
                 raise PoolFull(f"the host filesystem under {self.path} is full") from None
             raise
+        for vb, block in maybe_zero:  # (the kernel splits zero writes at page boundaries)
+            if self.data.read(block, 0, bs) == self.zero_block:
+                remap.append((vb, UNMAPPED))
         # Apply: only now do size and mappings change (no I/O can fail after this point).
         if offset + written > dev.size:
             self._grow_device(dev, offset + written)
