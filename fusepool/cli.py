@@ -64,7 +64,7 @@ def cmd_init(a) -> None:
     Pool.create(a.pool, data_size=parse_size(a.data_size), metadata_size=parse_size(a.metadata_size),
                 block_size=block_size, base_size=parse_size(a.base_size),
                 min_free_space=parse_percent(a.min_free_space),
-                skip_block_zeroing=a.skip_block_zeroing)
+                skip_block_zeroing=a.skip_block_zeroing, no_space_timeout=a.no_space_timeout)
     print(f"created pool {os.path.abspath(a.pool)} (block size {human_size(block_size)}, "
           f"data {human_size(parse_size(a.data_size))})")
 
@@ -85,7 +85,8 @@ def cmd_mount(a) -> None:
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if a.debug else []) + [
         "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
-        "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else [])
+        "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else []) + (
+        ["--no-space-timeout", str(a.no_space_timeout)] if a.no_space_timeout is not None else [])
     log_path = os.path.join(pool_dir, "fusepool.log")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
@@ -113,7 +114,8 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
             ready_file.close()
 
     try:
-        serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other)
+        serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other,
+              no_space_timeout=a.no_space_timeout)
     except PoolError as exc:
         if ready_file and not ready_file.closed:
             ready_file.write(f"error: {exc}\n")
@@ -229,6 +231,8 @@ def format_info(st: dict) -> str:
         ("Deferred Deleted Device Count", str(st["deferred_deleted_device_count"])),
         ("Library Version", st["library_version"]),
         ("Storage Mode", st["mode"]),
+        ("No Space Policy", f"queue ({st['no_space_timeout']:g} s)" if st.get("no_space_timeout")
+         else "error"),
         ("Volumes", str(st["volume_count"])),
         ("Mounted At", st.get("mounted") or "-"),
     ]
@@ -355,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse new volumes/snapshots below this free space (default 10%%)")
     sp.add_argument("--skip-block-zeroing", action="store_true",
                     help="do not zero new blocks on partial writes (stale data may show)")
+    sp.add_argument("--no-space-timeout", type=non_negative_float, default=0.0, metavar="SECONDS",
+                    help="out of data space: let allocating writes wait this long for space "
+                    "before failing with ENOSPC (dm-thin's queue mode; default 0: fail at once)")
 
     sp = add("mount", cmd_mount, "mount a pool: each volume becomes MOUNTPOINT/NAME")
     sp.add_argument("pool", metavar="POOL")
@@ -363,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--commit-period", type=positive_float, default=1.0, metavar="SECONDS",
                     help="commit metadata at least this often when changed (default 1)")
     sp.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    sp.add_argument("--no-space-timeout", type=non_negative_float, metavar="SECONDS",
+                    help="override the pool's out-of-space wait for this mount")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     sp = add("umount", cmd_umount, "commit, unmount and wait for the daemon to exit")
@@ -433,6 +442,16 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
 
 

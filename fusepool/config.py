@@ -30,6 +30,9 @@ class PoolConfig:
     base_size: int = 10 << 30  # default virtual size of new volumes (Docker's dm.basesize)
     min_free_space: float = 10.0  # percent (Docker's dm.min_free_space)
     skip_block_zeroing: bool = False  # dm-thin's skip_block_zeroing feature
+    # Out of data space: 0 fails allocating writes at once (dm-thin's error_if_no_space);
+    # N > 0 makes them wait up to N seconds for space (dm-thin's queue mode, 60 s there).
+    no_space_timeout: float = 0.0
     mode: str = "loop"
     version: int = 1
 

@@ -15,8 +15,9 @@ import os
 import stat
 
 import pyfuse3
+import trio
 
-from fusepool.errors import PoolError
+from fusepool.errors import PoolError, PoolFull
 from fusepool.metadata.format import MAX_DEV_ID
 from fusepool.pool import Pool
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 INODE_BASE = 16  # inode = dev_id + INODE_BASE; the root is inode 1
 XATTR_INFO = b"user.fusepool"  # on the root: which pool and daemon serve this mount
 ATTR_TIMEOUT = 1.0  # the kernel re-fetches size/blocks itself after every write
+NO_SPACE_POLL = 0.05  # seconds between retries of a write queued for space
 
 
 def fuse_errors(handler):
@@ -54,10 +56,13 @@ def fuse_errors(handler):
 
 
 class FusepoolOperations(pyfuse3.Operations):
-    def __init__(self, pool: Pool):
+    def __init__(self, pool: Pool, no_space_timeout: float | None = None):
         super().__init__()
         self.pool = pool
+        self.no_space_timeout = (pool.config.no_space_timeout if no_space_timeout is None
+                                 else no_space_timeout)
         self.handles: dict[int, int] = {}  # fh -> dev_id
+        self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -232,7 +237,26 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh, off, buf):
-        return self.pool.write(self.handles[fh], off, buf)
+        try:
+            return self.pool.write(self.handles[fh], off, buf)
+        except PoolFull:
+            if self.no_space_timeout <= 0:
+                raise
+        # Queue mode: wait for space (a remove, discard, extend or commit frees some).
+        if not self.queued_writes:
+            log.warning("pool is out of data space: writes wait up to %g s", self.no_space_timeout)
+        self.queued_writes += 1
+        deadline = trio.current_time() + self.no_space_timeout
+        try:
+            while True:
+                await trio.sleep(NO_SPACE_POLL)
+                try:
+                    return self.pool.write(self.handles[fh], off, buf)
+                except PoolFull:
+                    if trio.current_time() >= deadline:
+                        raise
+        finally:
+            self.queued_writes -= 1
 
     @fuse_errors
     async def fsync(self, fh, datasync):

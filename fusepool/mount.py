@@ -51,11 +51,12 @@ def lazy_unmount(mountpoint: str) -> None:
 
 
 class Daemon:
-    def __init__(self, pool: Pool, mountpoint: str, commit_period: float):
+    def __init__(self, pool: Pool, mountpoint: str, commit_period: float,
+                 no_space_timeout: float | None = None):
         self.pool = pool
         self.mountpoint = mountpoint
         self.commit_period = commit_period
-        self.ops = FusepoolOperations(pool)
+        self.ops = FusepoolOperations(pool, no_space_timeout)
         self.cancel_scope: trio.CancelScope | None = None
 
     async def run(self, on_ready) -> None:
@@ -152,13 +153,14 @@ def _invalidate_inode(inode: int) -> None:
 
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,
-          allow_other: bool = False, debug_fuse: bool = False) -> None:
+          allow_other: bool = False, debug_fuse: bool = False,
+          no_space_timeout: float | None = None) -> None:
     """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted."""
     mountpoint = os.path.abspath(mountpoint)
     pool = Pool.open(pool_dir)
     try:
         check_mountpoint(mountpoint)
-        daemon = Daemon(pool, mountpoint, commit_period)
+        daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout)
         options = set(pyfuse3.default_options) | {"fsname=fusepool", "subtype=fusepool"}
         if allow_other:
             options.add("allow_other")

@@ -22,6 +22,7 @@ Semantics (see docs/design.md for the full contract):
   whose mapping time is older than a device's ``snap_time`` may be shared.
 """
 
+import errno
 import logging
 import os
 import time as wallclock
@@ -113,7 +114,8 @@ class Pool:
     @classmethod
     def create(cls, path: str, data_size: int = 100 << 30, metadata_size: int = 2 << 30,
                block_size: int = 64 << 10, base_size: int = 10 << 30,
-               min_free_space: float = 10.0, skip_block_zeroing: bool = False) -> None:
+               min_free_space: float = 10.0, skip_block_zeroing: bool = False,
+               no_space_timeout: float = 0.0) -> None:
         """Make a new pool directory (or fill an empty existing one)."""
         validate_block_size(block_size)
         nr_blocks = data_size // block_size
@@ -145,7 +147,8 @@ class Pool:
             sb = Superblock(uuid, 0, 0, block_size, nr_blocks, nr_pages,
                             root_len=0, root_checksum=0, root_pages=[])
             MetadataStore.create(os.path.join(path, METADATA), sb, nr_blocks)
-            PoolConfig(uuid, block_size, base_size, min_free_space, skip_block_zeroing).save(path)
+            PoolConfig(uuid, block_size, base_size, min_free_space, skip_block_zeroing,
+                       no_space_timeout).save(path)
         except BaseException:
             for name in (DATA, METADATA, "pool.json"):
                 try:
@@ -249,6 +252,11 @@ class Pool:
             self._fail(str(exc) + "; extend the metadata with `fusepool extend POOL --metadata-size SIZE`")
             raise ReadOnlyPool(self.failed) from None
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The host filesystem is full under the sparse files.  The store rolled
+                # the commit back, so nothing is damaged: stay writable and retry later.
+                raise PoolFull(f"the host filesystem under {self.path} is full: metadata not "
+                               "committed (free space on the host)") from None
             self._fail(f"commit failed: {exc}")
             raise ReadOnlyPool(self.failed) from None
         self.dirty = False
@@ -600,7 +608,7 @@ class Pool:
             self._write_runs(io)
         except OSError as exc:
             self._undo_allocations(allocated)
-            if exc.errno == 28:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise PoolFull(f"the host filesystem under {self.path} is full") from None
             raise
         for vb, block in maybe_zero:  # (the kernel splits zero writes at page boundaries)
@@ -795,6 +803,7 @@ class Pool:
             "min_free_space": int(data_total * self.config.min_free_space / 100),
             "min_free_space_percent": self.config.min_free_space,
             "skip_block_zeroing": self.config.skip_block_zeroing,
+            "no_space_timeout": self.config.no_space_timeout,
             "deferred_deleted_device_count": deferred,
             "volume_count": len(self.names),
             "data_blocks_total": self.nr_blocks,
