@@ -1,0 +1,362 @@
+"""thin_dump XML: the one intermediate representation for dump, restore and import.
+
+The format is what ``thin_dump`` (thin-provisioning-tools 0.9) writes and
+``thin_restore`` reads::
+
+    <superblock uuid="" time="1" transaction="2" flags="0" version="2"
+                data_block_size="128" nr_data_blocks="1024">
+      <device dev_id="1" mapped_blocks="6" transaction="0" creation_time="0" snap_time="1">
+        <range_mapping origin_begin="0" data_begin="0" length="5" time="0"/>
+        <single_mapping origin_block="7" data_block="20" time="0"/>
+      </device>
+    </superblock>
+
+``data_block_size`` is in 512-byte sectors.  Runs of virtual blocks on
+contiguous data blocks with one mapping time become ``range_mapping``;
+anything else a ``single_mapping``.  Volume names are not part of the format:
+they travel in a side file, ``{"<dev_id>": {"name": ..., "size": ...}}``.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from xml.etree import ElementTree
+from xml.sax.saxutils import quoteattr
+
+from fusepool.errors import UsageError
+from fusepool.metadata.format import MAX_DEV_ID, TIME_MASK
+
+SECTOR = 512
+Run = tuple[int, int, int, int]  # (origin_begin, data_begin, length, time)
+
+
+@dataclass
+class DeviceIR:
+    dev_id: int
+    mapped_blocks: int
+    transaction: int
+    creation_time: int
+    snap_time: int
+    runs: list[Run] = field(default_factory=list)
+
+    def mappings(self) -> Iterator[tuple[int, int, int]]:
+        """``(virtual_block, data_block, time)`` for every mapping."""
+        for origin, data, length, t in self.runs:
+            for i in range(length):
+                yield origin + i, data + i, t
+
+
+@dataclass
+class MetadataIR:
+    uuid: str
+    time: int
+    transaction: int
+    flags: int
+    version: int
+    data_block_size: int  # sectors
+    nr_data_blocks: int
+    devices: list[DeviceIR] = field(default_factory=list)
+
+    @property
+    def block_size(self) -> int:
+        return self.data_block_size * SECTOR
+
+
+def runs_of(mappings: Iterator[tuple[int, int, int]]) -> list[Run]:
+    """Group sorted mappings into runs: contiguous virtual and data blocks, one time."""
+    runs: list[list[int]] = []
+    for vb, db, t in mappings:
+        last = runs[-1] if runs else None
+        if last and last[0] + last[2] == vb and last[1] + last[2] == db and last[3] == t:
+            last[2] += 1
+        else:
+            runs.append([vb, db, 1, t])
+    return [tuple(r) for r in runs]
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def write_xml(ir: MetadataIR, out) -> None:
+    """Write ``ir`` as thin_dump does (same element and attribute order)."""
+    out.write(f'<superblock uuid={quoteattr(ir.uuid)} time="{ir.time}" transaction="{ir.transaction}" '
+              f'flags="{ir.flags}" version="{ir.version}" data_block_size="{ir.data_block_size}" '
+              f'nr_data_blocks="{ir.nr_data_blocks}">\n')
+    for dev in ir.devices:
+        out.write(f'  <device dev_id="{dev.dev_id}" mapped_blocks="{dev.mapped_blocks}" '
+                  f'transaction="{dev.transaction}" creation_time="{dev.creation_time}" '
+                  f'snap_time="{dev.snap_time}">\n')
+        for origin, data, length, t in dev.runs:
+            if length == 1:
+                out.write(f'    <single_mapping origin_block="{origin}" data_block="{data}" time="{t}"/>\n')
+            else:
+                out.write(f'    <range_mapping origin_begin="{origin}" data_begin="{data}" '
+                          f'length="{length}" time="{t}"/>\n')
+        out.write("  </device>\n")
+    out.write("</superblock>\n")
+
+
+# --- reading and validating -------------------------------------------------------------------
+
+_SUPER_ATTRS = {"uuid", "time", "transaction", "flags", "version", "data_block_size", "nr_data_blocks"}
+_DEVICE_ATTRS = {"dev_id", "mapped_blocks", "transaction", "creation_time", "snap_time"}
+_RANGE_ATTRS = {"origin_begin", "data_begin", "length", "time"}
+_SINGLE_ATTRS = {"origin_block", "data_block", "time"}
+
+
+def _int(elem, name: str, where: str) -> int:
+    text = elem.get(name)
+    if text is None:
+        raise UsageError(f"{where}: missing attribute {name!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{where}: attribute {name}={text!r} is not a number") from None
+    if value < 0:
+        raise UsageError(f"{where}: attribute {name}={value} is negative")
+    return value
+
+
+def _check_attrs(elem, allowed: set[str], where: str) -> None:
+    unknown = set(elem.attrib) - allowed
+    if unknown:
+        raise UsageError(f"{where}: unknown attribute(s) {', '.join(sorted(unknown))}")
+
+
+def read_xml(source) -> MetadataIR:
+    """Parse and validate thin_dump XML; every refusal is one clear message."""
+    try:
+        root = ElementTree.parse(source).getroot()
+    except ElementTree.ParseError as exc:
+        raise UsageError(f"not valid XML: {exc}") from None
+    if root.tag != "superblock":
+        raise UsageError(f"expected a <superblock> element, found <{root.tag}>")
+    _check_attrs(root, _SUPER_ATTRS, "<superblock>")
+    ir = MetadataIR(root.get("uuid", ""), _int(root, "time", "<superblock>"),
+                    _int(root, "transaction", "<superblock>"), int(root.get("flags", "0")),
+                    int(root.get("version", "2")), _int(root, "data_block_size", "<superblock>"),
+                    _int(root, "nr_data_blocks", "<superblock>"))
+    bs = ir.data_block_size * SECTOR
+    if not bs or bs % (64 << 10) or bs > 1 << 30:
+        raise UsageError(f"data_block_size {ir.data_block_size} sectors ({bs} bytes) is not a multiple "
+                         "of 64 KiB between 64 KiB and 1 GiB")
+    seen: set[int] = set()
+    for elem in root:
+        where = f"<device dev_id={elem.get('dev_id')!r}>"
+        if elem.tag != "device":
+            raise UsageError(f"unknown element <{elem.tag}> inside <superblock>")
+        _check_attrs(elem, _DEVICE_ATTRS, where)
+        dev = DeviceIR(_int(elem, "dev_id", where), _int(elem, "mapped_blocks", where),
+                       _int(elem, "transaction", where), _int(elem, "creation_time", where),
+                       _int(elem, "snap_time", where))
+        if dev.dev_id > MAX_DEV_ID:
+            raise UsageError(f"{where}: device ids are 24-bit (at most {MAX_DEV_ID})")
+        if dev.dev_id in seen:
+            raise UsageError(f"{where}: device id appears twice")
+        seen.add(dev.dev_id)
+        if max(dev.creation_time, dev.snap_time) > TIME_MASK:
+            raise UsageError(f"{where}: times are 24-bit")
+        for m in elem:
+            if m.tag == "range_mapping":
+                _check_attrs(m, _RANGE_ATTRS, where)
+                run = (_int(m, "origin_begin", where), _int(m, "data_begin", where),
+                       _int(m, "length", where), _int(m, "time", where))
+                if run[2] == 0:
+                    raise UsageError(f"{where}: a range_mapping has length 0")
+            elif m.tag == "single_mapping":
+                _check_attrs(m, _SINGLE_ATTRS, where)
+                run = (_int(m, "origin_block", where), _int(m, "data_block", where), 1,
+                       _int(m, "time", where))
+            else:
+                raise UsageError(f"{where}: unknown element <{m.tag}>")
+            if run[1] + run[2] > ir.nr_data_blocks:
+                raise UsageError(f"{where}: mapping to data blocks {run[1]}..{run[1] + run[2] - 1} is "
+                                 f"beyond nr_data_blocks={ir.nr_data_blocks}")
+            if run[3] > TIME_MASK:
+                raise UsageError(f"{where}: mapping time {run[3]} is not 24-bit")
+            dev.runs.append(run)
+        ir.devices.append(dev)
+    _check_sharing(ir)
+    return ir
+
+
+def _check_sharing(ir: MetadataIR) -> None:
+    """A data block mapped by two devices must be a snapshot share, as the kernel sees it.
+
+    The kernel treats a block as shared by a device only when its mapping time
+    is older than the device's snap_time; a block two devices map without that
+    would be overwritten in place by one of them, corrupting the other.  Such
+    devices are unrelated: refused.
+    """
+    owner: dict[int, tuple[int, int]] = {}  # data block -> (dev_id, time) of first mapping seen
+    by_id = {d.dev_id: d for d in ir.devices}
+    for dev in ir.devices:
+        for origin, data, length, t in dev.runs:
+            for db in range(data, data + length):
+                first = owner.get(db)
+                if first is None:
+                    owner[db] = (dev.dev_id, t)
+                    continue
+                other = by_id[first[0]]
+                if first[0] == dev.dev_id:
+                    raise UsageError(f"device {dev.dev_id} maps data block {db} twice")
+                if not (t < dev.snap_time and first[1] < other.snap_time):
+                    raise UsageError(
+                        f"devices {other.dev_id} and {dev.dev_id} both map data block {db} but are "
+                        "not snapshots of each other (the mapping time is not older than both "
+                        "devices' snap_time)")
+
+
+def read_names(path: str | None) -> dict[int, dict]:
+    """The side file: ``{"<dev_id>": {"name": ..., "size": ...}}``."""
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        return {int(k): v for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{path}: unreadable names file ({exc})") from None
+
+
+def write_names(path: str, names: dict[int, dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({str(k): v for k, v in sorted(names.items())}, f, indent=2)
+        f.write("\n")
+
+
+# --- pools <-> IR ------------------------------------------------------------------------------
+
+def dump(pool) -> tuple[MetadataIR, dict[int, dict]]:
+    """The pool's metadata as IR, and the names side file's content."""
+    ir = MetadataIR(pool.store.superblock.uuid, pool.time, pool.transaction_id,
+                    0, 2, pool.block_size // SECTOR, pool.nr_blocks)
+    names = {}
+    for dev in sorted(pool.devices.values(), key=lambda d: d.dev_id):
+        if dev.deleted:
+            continue
+        ir.devices.append(DeviceIR(dev.dev_id, dev.mapped_blocks, dev.transaction, dev.creation_time,
+                                   dev.snap_time, runs_of(pool.mappings(dev))))
+        names[dev.dev_id] = {"name": dev.name, "size": dev.size}
+    return ir, names
+
+
+def copy_sparse(src: str, dst: str) -> None:
+    """Copy a file keeping its holes (SEEK_DATA/SEEK_HOLE + copy_file_range)."""
+    size = os.stat(src).st_size
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        os.ftruncate(fout.fileno(), size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            offset = start
+            while offset < end:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
+                if n == 0:
+                    break
+                offset += n
+            pos = end
+        os.fsync(fout.fileno())
+
+
+def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: str,
+            metadata_size: int | None = None) -> list[str]:
+    """Make a new pool at ``pool_dir`` from ``ir`` and a copy of the data image.
+
+    Returns the names given to the volumes.  Without a names entry a volume is
+    named by its decimal dev_id and sized to cover its highest mapped block.
+    """
+    import uuid as uuidlib
+    from array import array
+
+    from fusepool.config import DATA, METADATA, PoolConfig
+    from fusepool.metadata.format import FANOUT, PAGE_SIZE, TIME_BITS, Superblock
+    from fusepool.metadata.spacemap import DataSpaceMap
+    from fusepool.metadata.store import MetadataStore
+    from fusepool.metadata.tree import Tree, height_for
+    from fusepool.pool import MAX_METADATA_SIZE, min_metadata_pages, validate_name
+
+    bs = ir.block_size
+    try:
+        image_size = os.stat(data_path).st_size
+    except OSError as exc:
+        raise UsageError(f"data image {data_path}: {exc.strerror}") from None
+    if image_size < ir.nr_data_blocks * bs:
+        raise UsageError(f"data image {data_path} has {image_size} bytes; the metadata needs "
+                         f"{ir.nr_data_blocks} blocks of {bs} bytes ({ir.nr_data_blocks * bs} bytes)")
+    if os.path.exists(pool_dir) and (not os.path.isdir(pool_dir) or os.listdir(pool_dir)):
+        raise UsageError(f"{pool_dir} exists and is not an empty directory")
+
+    counts = array("I", bytes(4 * ir.nr_data_blocks))
+    tree = Tree(lambda b: None, lambda b: None, lambda p: None)
+    roots, records, given = {}, [], []
+    total_leaves = 0
+    for dev in ir.devices:
+        side = names.get(dev.dev_id, {})
+        name = validate_name(str(side.get("name", dev.dev_id)))
+        if name in given:
+            raise UsageError(f"volume name {name!r} is given to two devices")
+        last_vb = max((o + n - 1 for o, _, n, _ in dev.runs), default=-1)
+        size = int(side.get("size", (last_vb + 1) * bs))
+        if last_vb >= 0 and last_vb * bs >= size:
+            raise UsageError(f"device {dev.dev_id}: size {size} does not cover its mapped block {last_vb}")
+        level = height_for(max(1, (size + bs - 1) // bs))
+        root, leaf_index, leaf, mapped = None, -1, None, 0
+        for vb, db, t in sorted(dev.mappings()):
+            if vb // FANOUT != leaf_index:
+                leaf_index = vb // FANOUT
+                root, leaf = tree.writable_leaf(root, level, leaf_index)
+                total_leaves += 1
+            leaf.entries[vb % FANOUT] = (db << TIME_BITS) | t
+            counts[db] += 1
+            mapped += 1
+        roots[dev.dev_id] = root
+        records.append({"dev_id": dev.dev_id, "name": name, "size": size,
+                        "creation_time": dev.creation_time, "snap_time": dev.snap_time,
+                        "transaction": dev.transaction, "created": 0.0, "origin": None,
+                        "mapped_blocks": mapped, "mtime": 0.0, "deleted": False, "root": 0})
+        given.append(name)
+
+    pages = min_metadata_pages(ir.nr_data_blocks) + 2 * total_leaves + 1024
+    if metadata_size is None:
+        metadata_size = max(pages * PAGE_SIZE, 64 << 20)
+    if metadata_size // PAGE_SIZE < pages or metadata_size > MAX_METADATA_SIZE:
+        raise UsageError(f"metadata size must be between {pages * PAGE_SIZE} and {MAX_METADATA_SIZE}")
+    try:  # keep the dumped pool's identity when it has one (thin_dump's is often empty)
+        uuid = str(uuidlib.UUID(ir.uuid))
+    except ValueError:
+        uuid = str(uuidlib.uuid4())
+    os.makedirs(pool_dir, exist_ok=True)
+    made = []
+    try:
+        made.append(os.path.join(pool_dir, DATA))
+        copy_sparse(data_path, made[-1])
+        made.append(os.path.join(pool_dir, METADATA))
+        sb = Superblock(uuid, max(ir.transaction, 1) - 1, ir.time, bs, ir.nr_data_blocks,
+                        metadata_size // PAGE_SIZE)
+        fd = os.open(made[-1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, sb.nr_meta_pages * PAGE_SIZE)
+            store = MetadataStore(made[-1], fd, sb)
+            spacemap = DataSpaceMap(ir.nr_data_blocks, counts)
+            store.spacemap_pages = [0] * spacemap.nr_pages
+            spacemap.dirty_pages = set(range(spacemap.nr_pages))
+            state = {"next_dev_id": max([d.dev_id for d in ir.devices], default=0) + 1,
+                     "devices": records}
+            store.commit(state, roots, spacemap, ir.time, ir.nr_data_blocks, flags=0)
+        finally:
+            os.close(fd)
+        made.append(os.path.join(pool_dir, "pool.json"))
+        PoolConfig(uuid, bs).save(pool_dir)
+    except BaseException:
+        for path in made:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        raise
+    return given
