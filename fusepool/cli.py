@@ -126,7 +126,7 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
 def cmd_umount(a) -> None:
     mountpoint = os.path.abspath(a.mountpoint)
     try:
-        info = json.loads(os.getxattr(mountpoint, "user.fusepool"))
+        info = mount_info(mountpoint)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             from fusepool.mount import lazy_unmount
@@ -134,9 +134,7 @@ def cmd_umount(a) -> None:
             lazy_unmount(mountpoint)
             print(f"cleared the stale mount at {mountpoint} (its daemon had died)")
             return
-        if exc.errno == errno.ENOENT:
-            raise NotMounted(f"{mountpoint}: no such directory") from None
-        raise NotMounted(f"{mountpoint} is not a fusepool mount") from None
+        raise NotMounted(f"{mountpoint}: {exc.strerror}") from None
     reply = control.request(info["pool"], "unmount", {"force": a.force})
     pid = reply["pid"]
     deadline = time.monotonic() + a.timeout
@@ -153,6 +151,17 @@ def process_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def mount_info(mountpoint: str) -> dict:
+    """``{"pool": ..., "pid": ...}`` from the mount's hidden control file."""
+    try:
+        with open(os.path.join(mountpoint, ".fusepool"), "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, NotADirectoryError):
+        if not os.path.lexists(mountpoint):
+            raise NotMounted(f"{mountpoint}: no such directory") from None
+        raise NotMounted(f"{mountpoint} is not a fusepool mount") from None
 
 
 def cmd_create(a) -> None:

@@ -19,12 +19,17 @@ import trio
 
 from fusepool.errors import PoolError, PoolFull
 from fusepool.metadata.format import MAX_DEV_ID
-from fusepool.pool import Pool
+from fusepool.pool import CONTROL_NAME, Pool
 
 log = logging.getLogger(__name__)
 
 INODE_BASE = 16  # inode = dev_id + INODE_BASE; the root is inode 1
-XATTR_INFO = b"user.fusepool"  # on the root: which pool and daemon serve this mount
+# A hidden read-only file in the root (not listed by readdir; s3ql does the same)
+# says which pool and daemon serve the mount.  Extended attributes would do, but
+# answering getxattr makes the kernel ask for security.capability before every
+# write; answering ENOSYS once makes it stop asking.
+CONTROL_INODE = 2
+CONTROL_FH = 0  # volume handles start at 1
 ATTR_TIMEOUT = 1.0  # the kernel re-fetches size/blocks itself after every write
 NO_SPACE_POLL = 0.05  # seconds between retries of a write queued for space
 
@@ -110,6 +115,8 @@ class FusepoolOperations(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             return self._root_attrs()
+        if inode == CONTROL_INODE:
+            return self._control_attrs()
         return self._volume_attrs(self._dev_id(inode))
 
     @fuse_errors
@@ -118,6 +125,8 @@ class FusepoolOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
             return self._root_attrs()
+        if name == CONTROL_NAME.encode():
+            return self._control_attrs()
         dev_id = self.pool.names.get(self._name(name))
         if dev_id is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -154,15 +163,16 @@ class FusepoolOperations(pyfuse3.Operations):
         out.f_namemax = 255
         return out
 
-    @fuse_errors
-    async def getxattr(self, inode, name, ctx):
-        if inode == pyfuse3.ROOT_INODE and name == XATTR_INFO:
-            return json.dumps({"pool": self.pool.path, "pid": os.getpid()}).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+    def _control_data(self) -> bytes:
+        return json.dumps({"pool": self.pool.path, "pid": os.getpid()}).encode()
 
-    @fuse_errors
-    async def listxattr(self, inode, ctx):
-        return [XATTR_INFO] if inode == pyfuse3.ROOT_INODE else []
+    def _control_attrs(self) -> pyfuse3.EntryAttributes:
+        attr = self._root_attrs()
+        attr.st_ino = CONTROL_INODE
+        attr.st_mode = stat.S_IFREG | 0o444
+        attr.st_nlink = 1
+        attr.st_size = len(self._control_data())
+        return attr
 
     # --- the directory -------------------------------------------------------------
 
@@ -224,6 +234,10 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode, flags, ctx):
+        if inode == CONTROL_INODE:
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return pyfuse3.FileInfo(fh=CONTROL_FH, direct_io=True)
         dev_id = self._dev_id(inode)
         # libfuse passes O_TRUNC here (atomic_o_trunc) instead of a setattr: truncating
         # would shrink the volume, which is refused like any other shrink.
@@ -233,6 +247,8 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh, off, size):
+        if fh == CONTROL_FH:
+            return self._control_data()[off : off + size]
         return self.pool.read(self.handles[fh], off, size)
 
     @fuse_errors

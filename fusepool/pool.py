@@ -51,6 +51,7 @@ MAX_BLOCK_SIZE = 1 << 30
 MAX_VOLUME_SIZE = 1 << 60
 MAX_METADATA_SIZE = 16 << 30  # dm-thin's limit is just under 16 GiB
 MAX_NAME_BYTES = 255
+CONTROL_NAME = ".fusepool"  # reserved: the mount's hidden control file (see fs.py)
 METADATA_RESERVE_PAGES = 64  # kept free so a commit can always be written
 
 
@@ -90,8 +91,9 @@ class Device:
 
 def validate_name(name: str) -> str:
     """Volume names are file names in the mount: no '/', no NUL, at most 255 bytes."""
-    if not isinstance(name, str) or not name or name in (".", ".."):
-        raise UsageError(f"invalid volume name {name!r}")
+    if not isinstance(name, str) or not name or name in (".", "..", CONTROL_NAME):
+        raise UsageError(f"invalid volume name {name!r}" + (
+            " (reserved for the mount's control file)" if name == CONTROL_NAME else ""))
     if "/" in name or "\0" in name:
         raise UsageError(f"invalid volume name {name!r}: it may not contain '/' or NUL")
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:

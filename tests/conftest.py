@@ -60,7 +60,8 @@ def is_mounted(mountpoint) -> bool:
 
 def daemon_pid(mountpoint) -> int | None:
     try:
-        return json.loads(os.getxattr(str(mountpoint), "user.fusepool"))["pid"]
+        with open(os.path.join(mountpoint, ".fusepool"), "rb") as f:
+            return json.loads(f.read())["pid"]
     except OSError:
         return None
 

@@ -24,15 +24,11 @@ class DataSpaceMap:
             raise Corrupt(f"space map covers {len(self.counts)} blocks, pool has {nr_blocks}")
         self.busy = _busy_map(self.counts)
         self.nr_blocks = nr_blocks
-        self.used = nr_blocks - self.busy.count(0)
+        self.free = self.busy.count(0)  # blocks an allocation can take right now
+        self.used = nr_blocks - self.free  # blocks with a non-zero count
         self.freed: list[int] = []  # freed in the running transaction
         self.dirty_pages: set[int] = set()
         self.cursor = 0
-
-    @property
-    def free(self) -> int:
-        """Blocks an allocation can take right now."""
-        return self.busy.count(0)
 
     def allocate(self) -> int:
         """A free block, now referenced once; raise :class:`PoolFull` if none."""
@@ -44,6 +40,7 @@ class DataSpaceMap:
         self.busy[i] = 1
         self.counts[i] = 1
         self.used += 1
+        self.free -= 1
         self.cursor = i + 1
         self.dirty_pages.add(i // COUNTS_PER_PAGE)
         return i
@@ -53,6 +50,7 @@ class DataSpaceMap:
         self.counts[block] = 0
         self.busy[block] = 0
         self.used -= 1
+        self.free += 1
 
     def inc(self, block: int) -> None:
         self.counts[block] += 1
@@ -76,6 +74,7 @@ class DataSpaceMap:
         released = [b for b in self.freed if self.counts[b] == 0]
         for block in released:
             self.busy[block] = 0
+        self.free += len(released)
         self.freed = []
         return released
 
@@ -83,6 +82,7 @@ class DataSpaceMap:
         extra = nr_blocks - self.nr_blocks
         self.counts.extend(array("I", bytes(4 * extra)))
         self.busy.extend(bytes(extra))
+        self.free += extra
         self.dirty_pages.update(range(self.nr_blocks // COUNTS_PER_PAGE,
                                       (nr_blocks - 1) // COUNTS_PER_PAGE + 1))
         self.nr_blocks = nr_blocks
