@@ -192,6 +192,8 @@ def cmd_resize(a) -> None:
 
 
 def cmd_list(a) -> None:
+    if a.format == "thin_ls":
+        return list_thin_ls(a)
     vols = pool_call(a.pool, "list")
     if a.json:
         return emit_json(vols)
@@ -202,6 +204,20 @@ def cmd_list(a) -> None:
                      human_size(v["exclusive_blocks"] * bs), human_size(v["shared_blocks"] * bs),
                      v["origin"] or "-"))
     print_table(rows)
+
+
+def list_thin_ls(a) -> None:
+    """thin_ls's columns (blocks, times), plus the volume name fusepool knows."""
+    rows = pool_call(a.pool, "thin_ls")
+    if a.json:
+        return emit_json(rows)
+    table = [("DEV", "MAPPED_BLOCKS", "EXCLUSIVE_BLOCKS", "SHARED_BLOCKS", "TRANSACTION",
+              "CREATE_TIME", "SNAP_TIME", "NAME")]
+    for r in rows:
+        table.append((str(r["dev_id"]), str(r["mapped_blocks"]), str(r["exclusive_blocks"]),
+                      str(r["shared_blocks"]), str(r["transaction"]), str(r["creation_time"]),
+                      str(r["snap_time"]), r["name"]))
+    print_table(table)
 
 
 def print_table(rows) -> None:
@@ -336,6 +352,139 @@ def cmd_repair(a) -> None:
         print(line)
 
 
+def cmd_dump(a) -> None:
+    res = pool_call(a.pool, "dump")
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(res["xml"])
+    else:
+        sys.stdout.write(res["xml"])
+    if a.names:
+        with open(a.names, "w") as f:
+            json.dump(res["names"], f, indent=2)
+            f.write("\n")
+
+
+def cmd_restore(a) -> None:
+    from fusepool.interop.thin_xml import read_names, read_xml, restore
+
+    try:
+        with open(a.input) as f:
+            ir = read_xml(f)
+    except OSError as exc:
+        raise UsageError(f"{a.input}: {exc.strerror}") from None
+    metadata_size = parse_size(a.metadata_size) if a.metadata_size else None
+    names = restore(ir, read_names(a.names), a.data, a.pool, metadata_size)
+    print(f"restored {len(names)} volume(s) into {os.path.abspath(a.pool)}: {', '.join(names) or '-'}")
+
+
+def cmd_import_docker(a) -> None:
+    from fusepool.interop.docker import import_docker
+
+    names = import_docker(a.docker_dir, a.pool)
+    print(f"imported {len(names)} device(s) into {os.path.abspath(a.pool)}: {', '.join(names) or '-'}")
+
+
+def cmd_delta(a) -> None:
+    res = pool_call(a.pool, "delta", {"left": a.left, "right": a.right})
+    if a.json:
+        return emit_json(res["ranges"])
+    from fusepool.interop.images import delta_xml
+
+    print(delta_xml(res["ranges"], res["left"], res["right"], res["header"]))
+
+
+def cmd_export(a) -> None:
+    from fusepool.interop.images import export_image
+
+    pool_dir = os.path.abspath(a.pool)
+    from fusepool.config import PoolConfig
+
+    PoolConfig.load(pool_dir)
+    status = daemon_status(pool_dir)
+    if status:  # online: read a temporary snapshot through the mount (a consistent copy)
+        temp = f"{a.name}.export-{os.getpid()}"
+        pool_call(pool_dir, "snapshot", {"origin": a.name, "name": temp})
+        try:
+            dev = pool_call(pool_dir, "inspect", {"name": temp})
+            extents = pool_call(pool_dir, "map", {"name": temp})
+            with open(os.path.join(status["mountpoint"], temp), "rb") as f:
+                size = int(dev["Data"]["DeviceSize"])
+                copied = export_image(extents, size, lambda off, n: os.pread(f.fileno(), n, off),
+                                      a.file, a.sparse)
+        finally:
+            pool_call(pool_dir, "remove", {"name": temp})
+    else:
+        from fusepool import commands
+        from fusepool.pool import Pool
+
+        with Pool.open(pool_dir) as pool:
+            dev = pool.volume(a.name)
+            extents = commands.run(pool, "map", {"name": a.name})
+            size = dev.size
+            copied = export_image(extents, size, lambda off, n: pool.read(dev.dev_id, off, n),
+                                  a.file, a.sparse)
+    print(f"exported {a.name} ({size} bytes, {copied} bytes of data) to {a.file}")
+
+
+def cmd_import(a) -> None:
+    from fusepool.interop.images import import_image
+
+    pool_dir = os.path.abspath(a.pool)
+    from fusepool.config import PoolConfig
+
+    config = PoolConfig.load(pool_dir)
+    try:
+        image_size = os.stat(a.file).st_size
+    except OSError as exc:
+        raise UsageError(f"{a.file}: {exc.strerror}") from None
+    size = max(parse_size(a.size) if a.size else 0, image_size)
+    status = daemon_status(pool_dir)
+    if status:  # online: create through the daemon, write through the mount
+        pool_call(pool_dir, "create", {"name": a.name, "size": size})
+        try:
+            fd = os.open(os.path.join(status["mountpoint"], a.name), os.O_WRONLY)
+            try:
+                stored = import_image(a.file, config.block_size, lambda off, d: _pwrite_all(fd, d, off))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            pool_call(pool_dir, "remove", {"name": a.name})  # no half-made volume
+            raise
+    else:
+        from fusepool.pool import Pool
+
+        with Pool.open(pool_dir) as pool:
+            dev = pool.create_volume(a.name, size)
+            try:
+                stored = import_image(a.file, pool.block_size,
+                                      lambda off, d: _engine_write_all(pool, dev.dev_id, off, d))
+                pool.commit()
+            except BaseException:
+                pool.remove(a.name)
+                raise
+    print(f"imported {a.file} into {a.name} ({size} bytes, {stored} bytes stored)")
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _engine_write_all(pool, dev_id: int, offset: int, data: bytes) -> None:
+    from fusepool.errors import PoolFull
+
+    view = memoryview(data)
+    while view:
+        n = pool.write(dev_id, offset, view)
+        if not n:
+            raise PoolFull("pool is out of data space")
+        view, offset = view[n:], offset + n
+
+
 # --- the parser -------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
@@ -410,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("list", cmd_list, "list volumes")
     sp.add_argument("pool", metavar="POOL")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--format", choices=["table", "thin_ls"], default="table",
+                    help="thin_ls: thin_ls's columns (DEV MAPPED_BLOCKS EXCLUSIVE_BLOCKS ...)")
 
     sp = add("info", cmd_info, "pool statistics, as `docker info` prints them")
     sp.add_argument("pool", metavar="POOL")
@@ -429,6 +580,41 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("offset", metavar="OFFSET")
     sp.add_argument("length", metavar="LENGTH")
+
+    sp = add("dump", cmd_dump, "write the pool's metadata as thin_dump XML")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    sp.add_argument("--names", metavar="FILE", help="also write volume names and sizes (JSON) to FILE")
+
+    sp = add("restore", cmd_restore, "make a new pool from thin_dump XML and a data image")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("-i", "--input", required=True, metavar="FILE", help="thin_dump XML")
+    sp.add_argument("--data", required=True, metavar="DATAFILE", help="the data device image (copied)")
+    sp.add_argument("--names", metavar="JSON", help="volume names and sizes, as written by dump --names")
+    sp.add_argument("--metadata-size", metavar="SIZE", help="metadata space (default: enough, >= 64M)")
+
+    sp = add("import-docker", cmd_import_docker, "make a pool from a Docker devicemapper directory")
+    sp.add_argument("docker_dir", metavar="DOCKER_DM_DIR",
+                    help="e.g. /var/lib/docker/devicemapper (holds devicemapper/ and metadata/)")
+    sp.add_argument("pool", metavar="POOL")
+
+    sp = add("export", cmd_export, "copy a volume to a raw image file")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--sparse", action="store_true", help="keep unmapped ranges as holes")
+
+    sp = add("import", cmd_import, "make a volume from a raw image (zero blocks not stored)")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--size", metavar="SIZE", help="virtual size (default: the image's size)")
+
+    sp = add("delta", cmd_delta, "which block ranges differ between two volumes (thin_delta)")
+    sp.add_argument("pool", metavar="POOL")
+    sp.add_argument("left", metavar="A")
+    sp.add_argument("right", metavar="B")
+    sp.add_argument("--json", action="store_true")
 
     sp = add("check", cmd_check, "verify the metadata (exit 1 if problems are found); changes nothing")
     sp.add_argument("pool", metavar="POOL")

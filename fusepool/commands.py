@@ -91,8 +91,45 @@ def _extend(pool, changes, data_size=None, metadata_size=None):
     return pool.stats()
 
 
+def _dump(pool, changes):
+    from fusepool.interop.thin_xml import dump, write_xml
+
+    import io
+
+    ir, names = dump(pool)
+    out = io.StringIO()
+    write_xml(ir, out)
+    return {"xml": out.getvalue(), "names": {str(k): v for k, v in names.items()}}
+
+
+def _thin_ls(pool, changes):
+    rows = []
+    for dev in sorted(pool.devices.values(), key=lambda d: d.dev_id):
+        if dev.deleted:
+            continue
+        exclusive, shared = pool.device_usage(dev)
+        rows.append({"dev_id": dev.dev_id, "name": dev.name, "mapped_blocks": dev.mapped_blocks,
+                     "exclusive_blocks": exclusive, "shared_blocks": shared,
+                     "transaction": dev.transaction, "creation_time": dev.creation_time,
+                     "snap_time": dev.snap_time, "block_size": pool.block_size})
+    return rows
+
+
+def _delta(pool, changes, left, right):
+    from fusepool.interop.images import delta
+
+    a, b = pool.volume(left), pool.volume(right)
+    sb = pool.store.superblock
+    return {"left": a.dev_id, "right": b.dev_id,
+            "header": {"uuid": "", "time": pool.time, "transaction": pool.transaction_id,
+                       "data_block_size": pool.block_size // 512, "nr_data_blocks": pool.nr_blocks,
+                       "uuid_full": sb.uuid},
+            "ranges": delta([(v, d) for v, d, _ in pool.mappings(a)],
+                            [(v, d) for v, d, _ in pool.mappings(b)])}
+
+
 COMMANDS = {
     "create": _create, "snapshot": _snapshot, "remove": _remove, "resize": _resize,
     "list": _list, "info": _info, "inspect": _inspect, "map": _map, "discard": _discard,
-    "extend": _extend,
+    "extend": _extend, "dump": _dump, "thin_ls": _thin_ls, "delta": _delta,
 }

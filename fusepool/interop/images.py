@@ -1,0 +1,131 @@
+"""Raw images in and out of volumes, and thin_delta-style comparisons.
+
+Export copies only mapped extents (``fusepool map``), so holes cost nothing;
+import skips blocks that are all zeros, so they are never provisioned.  Both
+work on an open pool (offline) or through a mount (online): the caller hands
+in a ``read``/``write`` function and the extents.
+"""
+
+import os
+from collections.abc import Callable
+
+CHUNK = 1 << 20  # I/O size for copying
+
+
+def export_image(extents: list[dict], size: int, read: Callable[[int, int], bytes], path: str,
+                 sparse: bool, progress=None) -> int:
+    """Write a volume's bytes to ``path``; returns the bytes of data copied.
+
+    With ``sparse`` only mapped extents are written and the rest stays a hole;
+    without, every byte is written (zeros included), as ``dd`` would.
+    """
+    copied = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        if not sparse:
+            zeros = bytes(CHUNK)
+            for pos in range(0, size, CHUNK):
+                os.pwrite(fd, zeros[: min(CHUNK, size - pos)], pos)
+        for e in extents:
+            start, end = e["offset"], min(e["offset"] + e["length"], size)
+            for pos in range(start, end, CHUNK):
+                data = read(pos, min(CHUNK, end - pos))
+                os.pwrite(fd, data, pos)
+                copied += len(data)
+            if progress:
+                progress(copied, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return copied
+
+
+def data_extents(fd: int, size: int):
+    """``(start, end)`` ranges of a file that hold data (SEEK_DATA/SEEK_HOLE)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: a hole up to the end
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
+def import_image(path: str, block_size: int, write: Callable[[int, bytes], None], progress=None) -> int:
+    """Copy a raw image's non-zero blocks through ``write``; returns bytes stored."""
+    stored = 0
+    zero = bytes(block_size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for start, end in data_extents(fd, size):
+            # whole blocks, so zero detection sees whole blocks
+            pos = start - start % block_size
+            while pos < end:
+                n = min(max(CHUNK - CHUNK % block_size, block_size), size - pos)
+                data = os.pread(fd, n, pos)
+                # write runs of non-zero blocks; skip zero blocks entirely
+                run_start = None
+                for off in range(0, len(data), block_size):
+                    piece = data[off : off + block_size]
+                    if piece == zero[: len(piece)]:
+                        if run_start is not None:
+                            write(pos + run_start, data[run_start:off])
+                            stored += off - run_start
+                            run_start = None
+                    elif run_start is None:
+                        run_start = off
+                if run_start is not None:
+                    write(pos + run_start, data[run_start:])
+                    stored += len(data) - run_start
+                pos += len(data)
+                if progress:
+                    progress(pos, size)
+    finally:
+        os.close(fd)
+    return stored
+
+
+def delta(left: list[tuple[int, int]], right: list[tuple[int, int]]) -> list[dict]:
+    """thin_delta: compare two devices' ``(virtual_block, data_block)`` mappings (sorted).
+
+    Returns ranges ``{"kind", "begin", "length"}`` with kind ``same``,
+    ``different``, ``left_only`` or ``right_only``, merged where adjacent.
+    """
+    out: list[dict] = []
+
+    def emit(kind: str, vb: int) -> None:
+        last = out[-1] if out else None
+        if last and last["kind"] == kind and last["begin"] + last["length"] == vb:
+            last["length"] += 1
+        else:
+            out.append({"kind": kind, "begin": vb, "length": 1})
+
+    i = j = 0
+    while i < len(left) or j < len(right):
+        if j >= len(right) or (i < len(left) and left[i][0] < right[j][0]):
+            emit("left_only", left[i][0])
+            i += 1
+        elif i >= len(left) or right[j][0] < left[i][0]:
+            emit("right_only", right[j][0])
+            j += 1
+        else:
+            emit("same" if left[i][1] == right[j][1] else "different", left[i][0])
+            i += 1
+            j += 1
+    return out
+
+
+def delta_xml(ranges: list[dict], left: int, right: int, header: dict) -> str:
+    """The (non-verbose) XML thin_delta prints."""
+    lines = [f'<superblock uuid="{header["uuid"]}" time="{header["time"]}" '
+             f'transaction="{header["transaction"]}" data_block_size="{header["data_block_size"]}" '
+             f'nr_data_blocks="{header["nr_data_blocks"]}">',
+             f'  <diff left="{left}" right="{right}">']
+    for r in ranges:
+        lines.append(f'    <{r["kind"]} begin="{r["begin"]}" length="{r["length"]}"/>')
+    lines += ["  </diff>", "</superblock>"]
+    return "\n".join(lines)
