@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -97,9 +98,12 @@ def cmd_mount(a) -> None:
     if message == "ready":
         return
     proc.wait(timeout=30)
-    if not message:
-        message = f"the mount daemon exited with status {proc.returncode}; see {log_path}"
-    raise PoolError(message.removeprefix("error: "))
+    match = re.match(r"error (\d+): (.*)", message, re.S)
+    if match:
+        error = PoolError(match.group(2))
+        error.exit_status = int(match.group(1))
+        raise error
+    raise PoolError(f"the mount daemon exited with status {proc.returncode}; see {log_path}")
 
 
 def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
@@ -118,7 +122,7 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
               no_space_timeout=a.no_space_timeout)
     except PoolError as exc:
         if ready_file and not ready_file.closed:
-            ready_file.write(f"error: {exc}\n")
+            ready_file.write(f"error {exc.exit_status}: {exc}\n")
             ready_file.close()
         raise
 
@@ -291,8 +295,8 @@ def cmd_extend(a) -> None:
     if a.data_size is None and a.metadata_size is None:
         raise UsageError("nothing to extend: give --data-size and/or --metadata-size")
     st = pool_call(a.pool, "extend", {
-        "data_size": parse_size(a.data_size) if a.data_size else None,
-        "metadata_size": parse_size(a.metadata_size) if a.metadata_size else None})
+        "data_size": parse_size(a.data_size) if a.data_size is not None else None,
+        "metadata_size": parse_size(a.metadata_size) if a.metadata_size is not None else None})
     print(f"data space {human_size(st['data_space_total'])}, "
           f"metadata space {human_size(st['metadata_space_total'])}")
 
@@ -651,6 +655,11 @@ def non_negative_float(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "resize" in argv and any(re.match(r"^-\d", x) for x in argv[argv.index("resize") + 1 :]):
+        # argparse would take "-1G" for an option and print a confusing message
+        print("fusepool: error: volumes cannot shrink: resize takes SIZE or +SIZE", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -39,8 +39,10 @@ class PoolConfig:
     @classmethod
     def load(cls, pool_dir: str) -> "PoolConfig":
         path = os.path.join(pool_dir, CONFIG)
-        if not os.path.isdir(pool_dir):
+        if not os.path.exists(pool_dir):
             raise NotAPool(f"{pool_dir}: no such pool directory")
+        if not os.path.isdir(pool_dir):
+            raise NotAPool(f"{pool_dir} is not a pool directory")
         try:
             with open(path) as f:
                 raw = json.load(f)
