@@ -127,6 +127,13 @@ class Daemon:
             busy = sum(d.open_count for d in self.pool.devices.values())
             if busy and not args.get("force"):
                 raise PoolBusy(f"{self.mountpoint} is busy: {busy} open file handle(s) on its volumes")
+            if self.pool.failed is None:
+                try:  # commit before saying yes, so a failure can still be reported
+                    self.pool.commit()
+                except PoolError as exc:
+                    if not args.get("force"):
+                        raise PoolError(f"not unmounting {self.mountpoint}: {exc} (--force unmounts "
+                                        "anyway and loses what is not committed)") from None
             pyfuse3.terminate()
             return {"pid": os.getpid()}
         if op == "check":

@@ -343,6 +343,7 @@ class Pool:
         if name in self.names:
             raise VolumeExists(f"a volume named {name!r} already exists")
         self._check_min_free("create snapshot")
+        self._ensure_metadata_room()
         self.time += 1
         origin.snap_time = self.time
         if origin.root is not None:
@@ -369,18 +370,35 @@ class Pool:
             raise
 
     def remove(self, name: str) -> bool:
-        """Delete a volume; deferred while it is open.  Returns True if deferred."""
+        """Delete a volume; deferred while it is open.  Returns True if deferred.
+
+        The removal is made durable first (the device is flagged deleted and
+        committed; if that commit fails nothing changed), then its tree is
+        dropped and the freed blocks reach the next commit.
+        """
         dev = self.volume(name)
         self._check_writable()
         del self.names[name]
+        dev.deleted = True
         self.dirty = True
-        if dev.open_count:
-            dev.deleted = True
+        try:
             self.commit()
+        except PoolError:
+            dev.deleted = False
+            self.names[name] = dev.dev_id
+            raise
+        if dev.open_count:
             return True
         self._drop_device(dev)
-        self.commit()
+        self._commit_quietly()
         return False
+
+    def _commit_quietly(self) -> None:
+        """Commit now if possible; a failure only delays it to the next commit."""
+        try:
+            self.commit()
+        except PoolError as exc:
+            log.info("commit postponed: %s", exc)
 
     def _drop_device(self, dev: Device) -> None:
         if dev.root is not None:
@@ -465,7 +483,7 @@ class Pool:
         dev.open_count -= 1
         if dev.open_count <= 0 and dev.deleted and self.failed is None and not self.readonly:
             self._drop_device(dev)
-            self.commit()
+            self._commit_quietly()
 
     # --- data path --------------------------------------------------------------------
 
@@ -564,6 +582,8 @@ class Pool:
                     continue
                 buf = piece if whole else None
             elif zero and whole:
+                if not remap and not allocated:
+                    self._ensure_metadata_room()
                 remap.append((vb, UNMAPPED))
                 buf = False
             elif (not leaf_shared and counts[block] == 1 and entry & TIME_MASK >= snap_time):
@@ -579,11 +599,13 @@ class Pool:
                 if not whole:
                     buf[lo:hi] = piece
                     if zero and buf == self.zero_block:
+                        if not remap and not allocated:
+                            self._ensure_metadata_room()
                         remap.append((vb, UNMAPPED))
                         buf = False
             if buf is not False:
                 try:
-                    if not allocated:
+                    if not remap and not allocated:
                         self._ensure_metadata_room()
                     new = self.space.allocate()
                 except (PoolFull, MetadataFull):

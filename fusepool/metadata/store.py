@@ -11,6 +11,7 @@ A page with none of them is free.  Commit N+1 only writes free pages, so both
 N and N-1 stay intact on disk until the superblock of N+1 is durable.
 """
 
+import errno
 import logging
 import os
 from array import array
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 CURRENT, PREVIOUS, PENDING = 1, 2, 4
 _ROOT_PAYLOAD = PAGE_SIZE - HEADER_SIZE
 _IOV_MAX = 1024  # buffers one pwritev may take
+RESERVE_PAGES = 256  # host-backed metadata pages kept beyond the highest in use (1 MiB)
 # After a commit: CURRENT|PENDING -> CURRENT, CURRENT -> PREVIOUS as well.
 _AFTER_COMMIT = bytes(((v & CURRENT) << 1) | (CURRENT if v & (CURRENT | PENDING) else 0)
                       for v in range(256))
@@ -70,6 +72,8 @@ class MetadataStore:
         self.spacemap_pages: list[int] = []
         self.cursor = FIRST_DATA_PAGE
         self._free: int | None = None  # cached count of free pages
+        self.backed = 0  # pages [0, backed) have host space reserved (see keep_reserve)
+        self.readonly_fd = False
 
     # --- creating and opening ------------------------------------------------
 
@@ -100,7 +104,9 @@ class MetadataStore:
                 raise Corrupt("no valid superblock in the metadata file")
             _, _, superblock = max(candidates)
             store = cls(path, fd, superblock)
+            store.readonly_fd = readonly
             loaded = store._load()
+            store.keep_reserve()
         except BaseException:
             os.close(fd)
             raise
@@ -212,6 +218,7 @@ class MetadataStore:
                 f"metadata space exhausted: the commit needs about "
                 f"{len(dirty) + len(dirty_sm) + root_estimate} pages, {self.free_pages} are free")
         txn = self.superblock.transaction_id + 1
+        self.cursor = FIRST_DATA_PAGE  # lowest free pages first: keeps the file compact
         writes: list[tuple[int, bytes]] = []
         old_sm = list(self.spacemap_pages)
         try:
@@ -263,7 +270,32 @@ class MetadataStore:
         self._free = None
         spacemap.dirty_pages = set()
         self.superblock = sb
+        self.keep_reserve()
         return txn
+
+    def keep_reserve(self) -> None:
+        """Keep RESERVE_PAGES of host space allocated beyond the highest page in use.
+
+        The metadata file is sparse; a commit on a full host filesystem can then
+        still be written from the reserve (e.g. the one that removes a volume and
+        gives the host its space back).
+        """
+        if self.readonly_fd:
+            return
+        top = len(self.page_state.rstrip(b"\0"))
+        want = min(top + RESERVE_PAGES, self.superblock.nr_meta_pages)
+        if want <= self.backed:
+            return
+        try:
+            os.posix_fallocate(self.fd, self.backed * PAGE_SIZE, (want - self.backed) * PAGE_SIZE)
+            self.backed = want
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("host filesystem full: metadata reserve is %d pages", self.backed - top)
+            elif exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.backed = self.superblock.nr_meta_pages  # cannot reserve here: stop trying
+            else:
+                raise
 
     def _write_pages(self, writes: list[tuple[int, bytes]]) -> None:
         """pwritev runs of consecutive pages: one syscall per contiguous run."""
@@ -273,7 +305,9 @@ class MetadataStore:
             j = i + 1
             while j < len(writes) and writes[j][0] == writes[j - 1][0] + 1 and j - i < _IOV_MAX:
                 j += 1
-            os.pwritev(self.fd, [w[1] for w in writes[i:j]], writes[i][0] * PAGE_SIZE)
+            done = os.pwritev(self.fd, [w[1] for w in writes[i:j]], writes[i][0] * PAGE_SIZE)
+            if done != (j - i) * PAGE_SIZE:  # the host filesystem filled up mid-way
+                raise OSError(errno.ENOSPC, "short write to the metadata file")
             i = j
 
 
