@@ -25,7 +25,7 @@ import xxhash
 from fusepool.config import METADATA, PoolConfig, PoolLock
 from fusepool.errors import Corrupt, PoolError
 from fusepool.metadata.format import (
-    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, MAX_DEV_ID, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
+    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
     PAGE_SPACEMAP, TIME_BITS, TIME_MASK, UNMAPPED, Superblock, decode_root, unpack_page,
 )
 from fusepool.metadata.spacemap import DataSpaceMap
@@ -184,6 +184,8 @@ class Checker:
                 if name in names:
                     self.problem("device", f"volume name {name!r} appears twice")
                 names.add(name)
+            if not isinstance(dev.get("size"), int) or not 0 <= dev["size"] <= MAX_VOLUME_SIZE:
+                self.problem("device", f"device {dev_id}: size {dev.get('size')!r} is out of range")
             if not dev["creation_time"] <= dev["snap_time"] <= pool_time:
                 self.problem("time", f"device {dev_id}: creation_time {dev['creation_time']} <= "
                              f"snap_time {dev['snap_time']} <= pool time {pool_time} does not hold")

@@ -37,7 +37,7 @@ from fusepool.errors import (
     PoolError, PoolFull, ReadOnlyPool, UsageError, VolumeExists,
 )
 from fusepool.metadata.format import (
-    FANOUT, FLAG_NEEDS_CHECK, MAX_DEV_ID, PAGE_SIZE, TIME_BITS, TIME_MASK, UNMAPPED, Superblock,
+    FANOUT, FLAG_NEEDS_CHECK, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_SIZE, TIME_BITS, TIME_MASK, UNMAPPED, Superblock,
 )
 from fusepool.metadata.spacemap import DataSpaceMap
 from fusepool.metadata.store import MetadataStore
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 MIN_BLOCK_SIZE = 64 << 10
 MAX_BLOCK_SIZE = 1 << 30
-MAX_VOLUME_SIZE = 1 << 60
 MAX_METADATA_SIZE = 16 << 30  # dm-thin's limit is just under 16 GiB
 MAX_NAME_BYTES = 255
 CONTROL_NAME = ".fusepool"  # reserved: the mount's hidden control file (see fs.py)

@@ -59,7 +59,8 @@ def import_docker(docker_dir: str, pool_dir: str) -> list[str]:
     with tempfile.TemporaryFile("w+") as xml:
         proc = subprocess.run([thin_dump, metadata], stdout=xml, stderr=subprocess.PIPE, text=True)
         if proc.returncode:
-            raise PoolError(f"thin_dump {metadata} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise PoolError(f"thin_dump {metadata} failed: {last}")
         xml.seek(0)
         ir = read_xml(xml)
     names = docker_names(meta_dir)

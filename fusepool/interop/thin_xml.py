@@ -25,7 +25,7 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import quoteattr
 
 from fusepool.errors import UsageError
-from fusepool.metadata.format import MAX_DEV_ID, TIME_MASK
+from fusepool.metadata.format import MAX_DEV_ID, MAX_VOLUME_SIZE, TIME_MASK
 
 SECTOR = 512
 Run = tuple[int, int, int, int]  # (origin_begin, data_begin, length, time)
@@ -104,9 +104,11 @@ _RANGE_ATTRS = {"origin_begin", "data_begin", "length", "time"}
 _SINGLE_ATTRS = {"origin_block", "data_block", "time"}
 
 
-def _int(elem, name: str, where: str) -> int:
+def _int(elem, name: str, where: str, default: int | None = None) -> int:
     text = elem.get(name)
     if text is None:
+        if default is not None:
+            return default
         raise UsageError(f"{where}: missing attribute {name!r}")
     try:
         value = int(text)
@@ -133,9 +135,13 @@ def read_xml(source) -> MetadataIR:
         raise UsageError(f"expected a <superblock> element, found <{root.tag}>")
     _check_attrs(root, _SUPER_ATTRS, "<superblock>")
     ir = MetadataIR(root.get("uuid", ""), _int(root, "time", "<superblock>"),
-                    _int(root, "transaction", "<superblock>"), int(root.get("flags", "0")),
-                    int(root.get("version", "2")), _int(root, "data_block_size", "<superblock>"),
+                    _int(root, "transaction", "<superblock>"),
+                    _int(root, "flags", "<superblock>", default=0),
+                    _int(root, "version", "<superblock>", default=2),
+                    _int(root, "data_block_size", "<superblock>"),
                     _int(root, "nr_data_blocks", "<superblock>"))
+    if ir.time > TIME_MASK:
+        raise UsageError(f"<superblock>: time {ir.time} is not 24-bit")
     bs = ir.data_block_size * SECTOR
     if not bs or bs % (64 << 10) or bs > 1 << 30:
         raise UsageError(f"data_block_size {ir.data_block_size} sectors ({bs} bytes) is not a multiple "
@@ -154,8 +160,9 @@ def read_xml(source) -> MetadataIR:
         if dev.dev_id in seen:
             raise UsageError(f"{where}: device id appears twice")
         seen.add(dev.dev_id)
-        if max(dev.creation_time, dev.snap_time) > TIME_MASK:
-            raise UsageError(f"{where}: times are 24-bit")
+        if not dev.creation_time <= dev.snap_time <= ir.time:
+            raise UsageError(f"{where}: creation_time {dev.creation_time} <= snap_time {dev.snap_time} "
+                             f"<= pool time {ir.time} does not hold (no kernel pool has such times)")
         for m in elem:
             if m.tag == "range_mapping":
                 _check_attrs(m, _RANGE_ATTRS, where)
@@ -172,8 +179,11 @@ def read_xml(source) -> MetadataIR:
             if run[1] + run[2] > ir.nr_data_blocks:
                 raise UsageError(f"{where}: mapping to data blocks {run[1]}..{run[1] + run[2] - 1} is "
                                  f"beyond nr_data_blocks={ir.nr_data_blocks}")
-            if run[3] > TIME_MASK:
-                raise UsageError(f"{where}: mapping time {run[3]} is not 24-bit")
+            if run[3] > ir.time:
+                raise UsageError(f"{where}: mapping time {run[3]} is after the pool time {ir.time}")
+            if (run[0] + run[2]) * bs > MAX_VOLUME_SIZE:
+                raise UsageError(f"{where}: virtual block {run[0] + run[2] - 1} is beyond the largest "
+                                 f"volume size ({MAX_VOLUME_SIZE} bytes)")
             dev.runs.append(run)
         ir.devices.append(dev)
     _check_sharing(ir)
@@ -297,11 +307,16 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
     total_leaves = 0
     for dev in ir.devices:
         side = names.get(dev.dev_id, {})
+        if not isinstance(side, dict):
+            raise UsageError(f"names entry for device {dev.dev_id} is not an object: {side!r}")
         name = validate_name(str(side.get("name", dev.dev_id)))
         if name in given:
             raise UsageError(f"volume name {name!r} is given to two devices")
         last_vb = max((o + n - 1 for o, _, n, _ in dev.runs), default=-1)
-        size = int(side.get("size", (last_vb + 1) * bs))
+        size = side.get("size", (last_vb + 1) * bs)
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_VOLUME_SIZE:
+            raise UsageError(f"device {dev.dev_id}: size {size!r} is not a byte count from 0 to "
+                             f"{MAX_VOLUME_SIZE}")
         if last_vb >= 0 and last_vb * bs >= size:
             raise UsageError(f"device {dev.dev_id}: size {size} does not cover its mapped block {last_vb}")
         level = height_for(max(1, (size + bs - 1) // bs))

@@ -57,6 +57,7 @@ UNMAPPED = (1 << 64) - 1
 TIME_BITS = 24
 TIME_MASK = (1 << TIME_BITS) - 1
 MAX_DEV_ID = (1 << 24) - 1  # dm-thin device ids are 24 bits
+MAX_VOLUME_SIZE = 1 << 60  # bytes: far beyond need, and st_size (off_t) holds it
 FORMAT_VERSION = 1
 
 PAGE_SUPER, PAGE_NODE, PAGE_SPACEMAP, PAGE_ROOT = 1, 2, 3, 4
