@@ -11,10 +11,8 @@ so short commands start fast.
 import argparse
 import errno
 import json
-import logging
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -22,21 +20,29 @@ from fusepool import __version__, control
 from fusepool.errors import NotMounted, PoolError, UsageError
 from fusepool.units import human_size, parse_percent, parse_size
 
-log = logging.getLogger("fusepool")
 
 
 # --- routing: daemon or direct --------------------------------------------------------
 
-def pool_call(pool_dir: str, op: str, args: dict | None = None):
-    """Run a pool command online (through the daemon) or offline (directly)."""
+def require_pool(pool_dir: str):
+    """The pool's config (a clear "not a pool" error otherwise)."""
     from fusepool.config import PoolConfig
 
+    return PoolConfig.load(os.path.abspath(pool_dir))
+
+
+def pool_call(pool_dir: str, op: str, args: dict | None = None):
+    """Run a pool command online (through the daemon) or offline (directly)."""
     pool_dir = os.path.abspath(pool_dir)
-    PoolConfig.load(pool_dir)  # a clear "not a pool" before anything else
+    require_pool(pool_dir)
     try:
         return control.request(pool_dir, op, args or {})
     except (FileNotFoundError, ConnectionRefusedError):
         pass  # no daemon: open the pool ourselves
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="fusepool: %(message)s")
     from fusepool import commands
     from fusepool.pool import Pool
 
@@ -73,9 +79,7 @@ def cmd_init(a) -> None:
 def cmd_mount(a) -> None:
     pool_dir = os.path.abspath(a.pool)
     mountpoint = os.path.abspath(a.mountpoint)
-    from fusepool.config import PoolConfig
-
-    PoolConfig.load(pool_dir)
+    require_pool(pool_dir)
     running = daemon_status(pool_dir)
     if running:
         raise PoolError(f"pool {pool_dir} is already mounted at {running['mountpoint']} "
@@ -83,6 +87,8 @@ def cmd_mount(a) -> None:
     if a.foreground:
         return run_foreground(pool_dir, mountpoint, a)
     # Background: start the daemon as a fresh process and wait until it says it is ready.
+    import subprocess
+
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if a.debug else []) + [
         "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
@@ -110,6 +116,10 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
     from fusepool.mount import serve
 
     ready_file = os.fdopen(a.ready_fd, "w") if a.ready_fd is not None else None
+
+    import logging
+
+    log = logging.getLogger("fusepool")
 
     def on_ready():
         log.info("mounted %s on %s (pid %d)", pool_dir, mountpoint, os.getpid())
@@ -318,9 +328,7 @@ def cmd_check(a) -> int:
     from fusepool.check import check_offline
 
     pool_dir = os.path.abspath(a.pool)
-    from fusepool.config import PoolConfig
-
-    PoolConfig.load(pool_dir)
+    require_pool(pool_dir)
     try:
         report = control.request(pool_dir, "check")
     except (FileNotFoundError, ConnectionRefusedError):
@@ -346,9 +354,7 @@ def cmd_repair(a) -> None:
     from fusepool.check import repair
 
     pool_dir = os.path.abspath(a.pool)
-    from fusepool.config import PoolConfig
-
-    PoolConfig.load(pool_dir)
+    require_pool(pool_dir)
     status = daemon_status(pool_dir)
     if status:
         raise PoolError(f"pool {pool_dir} is mounted at {status['mountpoint']}: unmount it before repair")
@@ -402,9 +408,7 @@ def cmd_export(a) -> None:
     from fusepool.interop.images import export_image
 
     pool_dir = os.path.abspath(a.pool)
-    from fusepool.config import PoolConfig
-
-    PoolConfig.load(pool_dir)
+    require_pool(pool_dir)
     status = daemon_status(pool_dir)
     if status:  # online: read a temporary snapshot through the mount (a consistent copy)
         temp = f"{a.name}.export-{os.getpid()}"
@@ -435,9 +439,7 @@ def cmd_import(a) -> None:
     from fusepool.interop.images import import_image
 
     pool_dir = os.path.abspath(a.pool)
-    from fusepool.config import PoolConfig
-
-    config = PoolConfig.load(pool_dir)
+    config = require_pool(pool_dir)
     try:
         image_size = os.stat(a.file).st_size
     except OSError as exc:
@@ -654,6 +656,12 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+# Commands that usually just talk to a running daemon; logging is set up for them only
+# when they fall back to opening the pool themselves (see pool_call).
+LIGHT_COMMANDS = {"create", "snapshot", "remove", "resize", "list", "info", "inspect", "map",
+                  "discard", "extend", "umount"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "resize" in argv and any(re.match(r"^-\d", x) for x in argv[argv.index("resize") + 1 :]):
@@ -661,11 +669,14 @@ def main(argv: list[str] | None = None) -> int:
         print("fusepool: error: volumes cannot shrink: resize takes SIZE or +SIZE", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-                        if args.command == "mount" else "fusepool: %(message)s")
-    if args.command != "mount":
-        logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    if args.command == "mount" or args.debug or args.command not in LIGHT_COMMANDS:
+        import logging  # (not for light commands: it costs start-up time)
+
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+                            if args.command == "mount" else "fusepool: %(message)s")
+        if args.command != "mount":
+            logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         status = args.func(args)
     except PoolError as exc:

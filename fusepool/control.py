@@ -11,7 +11,6 @@ so CLI commands start fast.
 import json
 import os
 import socket
-from contextlib import contextmanager
 
 from fusepool import errors
 from fusepool.config import SOCKET
@@ -20,18 +19,25 @@ MAX_MESSAGE = 64 << 20
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths go through /proc
 
 
-@contextmanager
-def socket_path(pool_dir: str):
-    """A path for the pool's socket that fits in sockaddr_un, however deep the pool."""
-    path = os.path.join(pool_dir, SOCKET)
-    if len(os.fsencode(path)) < _SUN_PATH_MAX:
-        yield path
-        return
-    fd = os.open(pool_dir, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{SOCKET}"
-    finally:
-        os.close(fd)
+class socket_path:
+    """``with socket_path(pool_dir) as path``: a path for the pool's socket that fits
+    in sockaddr_un however deep the pool is (long ones go through /proc/self/fd)."""
+
+    def __init__(self, pool_dir: str):
+        self.pool_dir = pool_dir
+        self.fd = -1
+
+    def __enter__(self) -> str:
+        path = os.path.join(self.pool_dir, SOCKET)
+        if len(os.fsencode(path)) < _SUN_PATH_MAX:
+            return path
+        self.fd = os.open(self.pool_dir, os.O_PATH | os.O_DIRECTORY)
+        return f"/proc/self/fd/{self.fd}/{SOCKET}"
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def error_reply(exc: Exception) -> dict:

@@ -106,7 +106,10 @@ class MetadataStore:
             store = cls(path, fd, superblock)
             store.readonly_fd = readonly
             loaded = store._load()
-            store.keep_reserve()
+            try:  # pages before the first hole already have host space
+                store.backed = os.lseek(fd, 0, os.SEEK_HOLE) // PAGE_SIZE
+            except OSError:
+                store.backed = 0
         except BaseException:
             os.close(fd)
             raise
