@@ -3,66 +3,53 @@
 Each command takes an open :class:`Pool` and plain JSON-able arguments and
 returns a JSON-able result, so the same code serves ``fusepool create POOL X``
 whether the pool is mounted (the request travels over the control socket) or
-not.  ``changed`` tells the daemon which names/volumes the kernel must forget.
+not.
 """
-
-from dataclasses import dataclass, field
 
 from fusepool.errors import UsageError
 from fusepool.pool import Pool
 
 
-@dataclass
-class Changes:
-    """What a command changed, for the FUSE layer's cache invalidation."""
 
-    names: list[str] = field(default_factory=list)  # directory entries added/removed
-    dev_ids: list[int] = field(default_factory=list)  # volumes whose size/content changed
-
-
-def run(pool: Pool, op: str, args: dict, changes: Changes | None = None):
+def run(pool: Pool, op: str, args: dict):
     handler = COMMANDS.get(op)
     if handler is None:
         raise UsageError(f"unknown command {op!r}")
-    return handler(pool, changes or Changes(), **args)
+    return handler(pool, **args)
 
 
-def _create(pool, changes, name, size=None):
+def _create(pool, name, size=None):
     dev = pool.create_volume(name, size)
-    changes.names.append(name)
     return pool.describe(dev, usage=False)
 
 
-def _snapshot(pool, changes, origin, name):
+def _snapshot(pool, origin, name):
     dev = pool.snapshot(origin, name)
-    changes.names.append(name)
     return pool.describe(dev, usage=False)
 
 
-def _remove(pool, changes, name):
+def _remove(pool, name):
     dev_id = pool.volume(name).dev_id
     deferred = pool.remove(name)
-    changes.names.append(name)
     return {"name": name, "dev_id": dev_id, "deferred": deferred}
 
 
-def _resize(pool, changes, name, size, relative=False):
+def _resize(pool, name, size, relative=False):
     dev = pool.volume(name)
     new_size = dev.size + size if relative else size
     pool.resize(name, new_size)
-    changes.dev_ids.append(dev.dev_id)
     return pool.describe(dev, usage=False)
 
 
-def _list(pool, changes):
+def _list(pool):
     return [pool.describe(dev) for dev in pool.volumes()]
 
 
-def _info(pool, changes):
+def _info(pool):
     return pool.stats()
 
 
-def _inspect(pool, changes, name):
+def _inspect(pool, name):
     dev = pool.volume(name)
     return {
         "Name": "fusepool",
@@ -71,27 +58,26 @@ def _inspect(pool, changes, name):
     }
 
 
-def _map(pool, changes, name):
+def _map(pool, name):
     dev = pool.volume(name)
     bs = pool.block_size
     return [e | {"offset": e["virtual_block"] * bs, "length": e["blocks"] * bs}
             for e in pool.extents(dev)]
 
 
-def _discard(pool, changes, name, offset, length):
+def _discard(pool, name, offset, length):
     dev = pool.volume(name)
     blocks = pool.discard(dev.dev_id, offset, length)
     pool.commit()
-    changes.dev_ids.append(dev.dev_id)
     return {"name": name, "unmapped_blocks": blocks}
 
 
-def _extend(pool, changes, data_size=None, metadata_size=None):
+def _extend(pool, data_size=None, metadata_size=None):
     pool.extend(data_size, metadata_size)
     return pool.stats()
 
 
-def _dump(pool, changes):
+def _dump(pool):
     from fusepool.interop.thin_xml import dump, write_xml
 
     import io
@@ -102,7 +88,7 @@ def _dump(pool, changes):
     return {"xml": out.getvalue(), "names": {str(k): v for k, v in names.items()}}
 
 
-def _thin_ls(pool, changes):
+def _thin_ls(pool):
     rows = []
     for dev in sorted(pool.devices.values(), key=lambda d: d.dev_id):
         if dev.deleted:
@@ -115,7 +101,7 @@ def _thin_ls(pool, changes):
     return rows
 
 
-def _delta(pool, changes, left, right):
+def _delta(pool, left, right):
     from fusepool.interop.images import delta
 
     a, b = pool.volume(left), pool.volume(right)

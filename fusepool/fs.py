@@ -31,6 +31,9 @@ INODE_BASE = 16  # inode = dev_id + INODE_BASE; the root is inode 1
 CONTROL_INODE = 2
 CONTROL_FH = 0  # volume handles start at 1
 ATTR_TIMEOUT = 1.0  # the kernel re-fetches size/blocks itself after every write
+# Names are not cached, so volumes created or removed by `fusepool` commands show at
+# once without invalidating kernel caches (which can block; see mount.py).
+ENTRY_TIMEOUT = 0.0
 NO_SPACE_POLL = 0.05  # seconds between retries of a write queued for space
 
 
@@ -79,7 +82,7 @@ class FusepoolOperations(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = dev_id + INODE_BASE
         attr.generation = int(dev.created)
-        attr.entry_timeout = ATTR_TIMEOUT
+        attr.entry_timeout = ENTRY_TIMEOUT
         attr.attr_timeout = ATTR_TIMEOUT
         attr.st_mode = stat.S_IFREG | 0o644
         attr.st_nlink = 0 if dev.deleted else 1

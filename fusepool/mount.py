@@ -21,7 +21,7 @@ from fusepool import commands
 from fusepool.config import SOCKET
 from fusepool.control import error_reply, socket_path
 from fusepool.errors import PoolBusy, PoolError, UsageError
-from fusepool.fs import INODE_BASE, FusepoolOperations
+from fusepool.fs import FusepoolOperations
 from fusepool.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -141,22 +141,10 @@ class Daemon:
 
             self.pool.commit()  # check what is in memory, as committed
             return check_pool(self.pool.path).to_json()
-        changes = commands.Changes()
-        result = commands.run(self.pool, op, args, changes)
-        for name in changes.names:  # the kernel may cache the entry, or its absence
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, os.fsencode(name), ignore_enoent=True)
-        for dev_id in changes.dev_ids:
-            # In a worker thread: the kernel may need this thread to answer requests meanwhile.
-            await trio.to_thread.run_sync(_invalidate_inode, dev_id + INODE_BASE)
-        return result
-
-
-def _invalidate_inode(inode: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(inode, False)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:  # ENOENT: the kernel had nothing cached
-            raise
+        # No cache invalidation here: directory entries are not cached (entry_timeout 0),
+        # and a kernel invalidation blocks in the kernel while a request is pending; a
+        # daemon killed in that window could not exit (seen in the kill tests).
+        return commands.run(self.pool, op, args)
 
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,

@@ -194,11 +194,16 @@ class Pool:
         self.tree = Tree(self.space.inc, self.space.dec, self.store.release)
         self.devices: dict[int, Device] = {}
         self.names: dict[str, int] = {}
-        for rec in loaded.state["devices"]:
-            dev = Device.from_record(rec, loaded.roots.get(rec["dev_id"]))
-            self.devices[dev.dev_id] = dev
-            if not dev.deleted:
-                self.names[dev.name] = dev.dev_id
+        try:
+            for rec in loaded.state["devices"]:
+                dev = Device.from_record(rec, loaded.roots.get(rec["dev_id"]))
+                self.devices[dev.dev_id] = dev
+                if not dev.deleted:
+                    self.names[dev.name] = dev.dev_id
+        except (KeyError, TypeError, ValueError) as exc:
+            self.store.close()
+            raise Corrupt(f"pool metadata is damaged (device table: {exc!r}); run `fusepool check "
+                          f"{path}` and `fusepool repair {path}`") from None
         self.data = DataStore(os.path.join(path, DATA), self.block_size, readonly)
         self.dirty = False  # metadata changed since the last commit
         self.data_dirty = False  # data written since the last flush
@@ -216,7 +221,7 @@ class Pool:
     def close(self) -> None:
         """Commit and release everything (safe to call twice)."""
         try:
-            if not self.readonly and self.failed is None and self.dirty:
+            if not self.readonly and self.failed is None and (self.dirty or self.data_dirty):
                 self.commit()
         finally:
             self.data.close()
@@ -429,9 +434,27 @@ class Pool:
             raise InvalidArgument(f"cannot shrink volume {name!r} from {dev.size} to {size} bytes: "
                                   "volumes only grow")
         if size > dev.size:
+            self._zero_tail(dev)
             self._grow_device(dev, size)
             self.commit()
         return dev
+
+    def _zero_tail(self, dev: Device) -> None:
+        """Zero the rest of a volume's last block before the volume grows over it.
+
+        Those bytes may hold a write past the end whose size change a crash took
+        back; growing must not bring them back into view.
+        """
+        bs = self.block_size
+        tail = dev.size % bs
+        if not tail:
+            return
+        leaf = Tree.leaf(dev.root, dev.size // bs // FANOUT)
+        if leaf is None or leaf.entries[dev.size // bs % FANOUT] == UNMAPPED:
+            return
+        size = dev.size
+        self.write(dev.dev_id, size, bytes(bs - tail))
+        dev.size = size  # the zeros are not part of the volume yet
 
     def _grow_device(self, dev: Device, size: int) -> None:
         self._check_size(size)
@@ -546,6 +569,8 @@ class Pool:
         end = offset + length
         if end > MAX_VOLUME_SIZE:
             raise InvalidArgument(f"write beyond the largest volume size ({MAX_VOLUME_SIZE} bytes)")
+        if offset > dev.size:
+            self._zero_tail(dev)
         bs = self.block_size
         view = memoryview(data)
         counts = self.space.counts

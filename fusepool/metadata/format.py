@@ -95,15 +95,23 @@ def pack_page(kind: int, page_no: int, txn: int, payload: bytes, level: int = 0,
     return bytes(page)
 
 
-def unpack_page(page: bytes, page_no: int, kind: int) -> tuple[int, int, memoryview]:
-    """Verify a page; return ``(level, count, payload)`` or raise :class:`Corrupt`."""
+def unpack_page(page: bytes, page_no: int, kind: int, max_txn: int | None = None
+                ) -> tuple[int, int, memoryview]:
+    """Verify a page; return ``(level, count, payload)`` or raise :class:`Corrupt`.
+
+    ``max_txn``: the transaction being read; a page written by a later one belongs
+    to a commit that never completed (it reused a page this commit still needed).
+    """
     if len(page) != PAGE_SIZE:
         raise Corrupt(f"metadata page {page_no}: short read ({len(page)} bytes)")
-    magic, got_kind, level, count, _pad, stored, _txn = HEADER.unpack_from(page, 0)
+    magic, got_kind, level, count, _pad, stored, txn = HEADER.unpack_from(page, 0)
     if magic != _MAGIC[kind] or got_kind != kind:
         raise Corrupt(f"metadata page {page_no}: expected a {_MAGIC[kind].decode()} page, found {magic!r}")
     if stored != checksum(page, page_no):
         raise Corrupt(f"metadata page {page_no}: checksum mismatch")
+    if max_txn is not None and txn > max_txn:
+        raise Corrupt(f"metadata page {page_no}: written by transaction {txn}, after the "
+                      f"commit being read ({max_txn})")
     return level, count, memoryview(page)[HEADER_SIZE:]
 
 

@@ -105,7 +105,10 @@ class MetadataStore:
             _, _, superblock = max(candidates)
             store = cls(path, fd, superblock)
             store.readonly_fd = readonly
-            loaded = store._load()
+            try:
+                loaded = store._load()
+            except (KeyError, TypeError, ValueError, IndexError, RecursionError) as exc:
+                raise Corrupt(f"metadata is internally inconsistent ({type(exc).__name__}: {exc})") from None
             try:  # pages before the first hole already have host space
                 store.backed = os.lseek(fd, 0, os.SEEK_HOLE) // PAGE_SIZE
             except OSError:
@@ -123,7 +126,8 @@ class MetadataStore:
     def _read_page(self, page_no: int, kind: int) -> tuple[int, int, memoryview]:
         if not FIRST_DATA_PAGE <= page_no < self.superblock.nr_meta_pages:
             raise Corrupt(f"metadata page number {page_no} out of range")
-        return unpack_page(os.pread(self.fd, PAGE_SIZE, page_no * PAGE_SIZE), page_no, kind)
+        return unpack_page(os.pread(self.fd, PAGE_SIZE, page_no * PAGE_SIZE), page_no, kind,
+                           self.superblock.transaction_id)
 
     def _load(self) -> Loaded:
         sb = self.superblock
@@ -152,17 +156,21 @@ class MetadataStore:
             roots[dev["dev_id"]] = self._load_node(page_no, by_page) if page_no else None
         return Loaded(sb, state, roots, counts, len(by_page))
 
-    def _load_node(self, page_no: int, by_page: dict[int, Node]) -> Node:
+    def _load_node(self, page_no: int, by_page: dict[int, Node], want_level: int | None = None) -> Node:
         """Load a subtree; a page reached twice is one shared node (share counted)."""
         node = by_page.get(page_no)
         if node is not None:
+            if want_level is not None and node.level != want_level:
+                raise Corrupt(f"metadata page {page_no} is used at two tree levels")
             node.share += 1
             return node
         level, _, payload = self._read_page(page_no, PAGE_NODE)
+        if want_level is not None and level != want_level:  # (levels also rule out cycles)
+            raise Corrupt(f"metadata page {page_no}: tree level {level}, expected {want_level}")
         entries = array("Q")
         entries.frombytes(payload[: 8 * FANOUT])
         if level:
-            entries = [self._load_node(p, by_page) if p else None for p in entries]
+            entries = [self._load_node(p, by_page, level - 1) if p else None for p in entries]
         node = by_page[page_no] = Node(level, entries, page_no)
         self.page_state[page_no] = CURRENT
         return node
