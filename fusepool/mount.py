@@ -41,7 +41,15 @@ def check_mountpoint(mountpoint: str) -> None:
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
-        raise PoolBusy(f"{mountpoint} is already a mount point")
+        try:  # stat may come from the kernel's cache; readdir always asks the daemon
+            os.listdir(mountpoint)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            log.warning("clearing the stale FUSE mount at %s", mountpoint)
+            lazy_unmount(mountpoint)
+        else:
+            raise PoolBusy(f"{mountpoint} is already a mount point")
     del st
 
 
