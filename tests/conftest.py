@@ -151,5 +151,24 @@ def mounted(pool, make_mount):
     return make_mount(pool)
 
 
+def read_all(path, offset: int = 0, length: int | None = None) -> bytes:
+    """Read what the daemon serves: the kernel's cached pages of the file are dropped first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if length is None:
+            length = os.fstat(fd).st_size - offset
+        parts, pos, end = [], offset, offset + length
+        while pos < end:
+            chunk = os.pread(fd, min(end - pos, 4 << 20), pos)
+            if not chunk:
+                break
+            parts.append(chunk)
+            pos += len(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None

@@ -278,10 +278,10 @@ def sigkill_daemon(m, timeout: float = 3.0) -> str | None:
         return None
     aborted = abort_fuse_connection(m.mountpoint)
     still = wait_dead(pid, 10)
+    threads = ", ".join(f"{tid}: {stack or 'exited'}" for tid, stack in sorted(stacks.items()))
     return (f"daemon {pid} did not exit within {timeout:g} s of SIGKILL: its threads are stuck in "
-            f"the kernel ({', '.join(f'{t}: {st or chr(45)}' for t, st in sorted(stacks.items()))}); the pool "
-            f"stays locked and the mount hangs until the FUSE connection is aborted"
-            + ("" if aborted and still is None else " -- and aborting it did not help"))
+            f"the kernel ({threads}); the pool stays locked and the mount hangs until the FUSE "
+            "connection is aborted" + ("" if aborted and still is None else "; aborting it did not help"))
 
 
 def kill_daemon(m) -> str | None:
@@ -592,7 +592,7 @@ def test_kill_under_mixed_workload(make_pool, make_mount):
             time.sleep(rng.uniform(0.05, 0.6))
             killing.set()
             stuck = kill_daemon(m)
-            if stuck:  # a fusepool bug (see test_sigkill_during_entry_invalidation): go on
+            if stuck:  # (see test_sigkill_during_entry_invalidation) recorded, set free: go on
                 hangs.append(f"iteration {it}: {stuck}")
             kills += 1
             stop.set()
@@ -895,17 +895,20 @@ def thread_wchans(pid: int) -> list[str]:
 
 
 def test_sigkill_during_entry_invalidation(make_pool, make_mount):
-    """A SIGKILLed daemon must exit, even right after a namespace command.
+    """A SIGKILLed daemon must exit, even right after a namespace command while
+    lookups are in flight.
 
-    After ``create`` (snapshot, remove, rename) the daemon tells the kernel to
-    forget the name (pyfuse3.invalidate_entry_async: a notification written to
-    /dev/fuse by a helper thread).  The kernel takes the directory's lock for
-    it, and waits while a lookup in that directory holds the lock waiting for
-    the daemon's answer.  Killed in that window, the daemon can never answer:
-    the helper thread stays blocked in the kernel (uninterruptible), so the
-    process never exits, /dev/fuse is never released, every lookup in the mount
-    hangs and the pool stays locked (`fusepool mount` and `check` say busy)
-    until someone aborts the connection in /sys/fs/fuse/connections.
+    The regression this guards against: after ``create`` (snapshot, remove,
+    rename) the daemon told the kernel to forget the name
+    (pyfuse3.invalidate_entry_async: a notification written to /dev/fuse by a
+    helper thread).  The kernel takes the directory's lock for it, and waits
+    while a lookup in that directory holds the lock waiting for the daemon's
+    answer.  Killed in that window, the daemon could never answer: the helper
+    thread stayed blocked in the kernel (uninterruptible), so the process never
+    exited, /dev/fuse was never released, every lookup in the mount hung and the
+    pool stayed locked (`fusepool mount` and `check` said busy) until someone
+    aborted the connection in /sys/fs/fuse/connections.  Each attempt below
+    kills the daemon while such a notification waits, if one is sent.
     """
     pool = make_pool("inval", "--data-size", "64M", "--metadata-size", "16M")
     m = make_mount(pool)

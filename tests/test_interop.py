@@ -22,7 +22,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from conftest import fusepool_json, have, run_fusepool
+from conftest import fusepool_json, have, read_all as read_range, run_fusepool
 from fusepool.cli import pool_call
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -184,23 +184,6 @@ def vols(pool) -> dict:
     return {v["name"]: v for v in fusepool_json("list", pool)}
 
 
-def read_range(path, offset: int = 0, length: int | None = None) -> bytes:
-    """Read from the daemon (the file's page cache dropped first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if length is None:
-            length = os.fstat(fd).st_size - offset
-        parts, pos, end = [], offset, offset + length
-        while pos < end:
-            chunk = os.pread(fd, min(end - pos, 4 * MiB), pos)
-            if not chunk:
-                break
-            parts.append(chunk)
-            pos += len(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
 
 
 def pwrite_all(path, offset: int, data) -> None:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import fusepool_json, is_mounted, lazy_unmount, run_fusepool
+from conftest import fusepool_json, is_mounted, lazy_unmount, read_all, run_fusepool
 from fusepool.cli import pool_call
 from fusepool.units import parse_size
 
@@ -47,23 +47,6 @@ def _pwrite_fd(fd: int, offset: int, data) -> None:
         view, offset = view[done:], offset + done
 
 
-def read_all(path, offset: int = 0, length: int | None = None) -> bytes:
-    """Read from the daemon: the file's page cache is dropped first."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if length is None:
-            length = os.fstat(fd).st_size - offset
-        parts, pos, end = [], offset, offset + length
-        while pos < end:
-            chunk = os.pread(fd, min(end - pos, 4 * MiB), pos)
-            if not chunk:
-                break
-            parts.append(chunk)
-            pos += len(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
 
 
 def fsync_path(path) -> None:

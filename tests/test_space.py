@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import fusepool_json, run_fusepool
+from conftest import fusepool_json, read_all, run_fusepool
 from fusepool.check import check_pool
 from fusepool.cli import pool_call
 from fusepool.units import parse_size
@@ -44,23 +44,6 @@ def create(pool, name: str, size) -> None:
     pool_call(str(pool), "create", {"name": name, "size": parse_size(str(size))})
 
 
-def read_all(path, offset: int = 0, length: int | None = None) -> bytes:
-    """Read what the daemon serves (the file's page cache is dropped first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if length is None:
-            length = os.fstat(fd).st_size - offset
-        parts, pos, end = [], offset, offset + length
-        while pos < end:
-            chunk = os.pread(fd, min(end - pos, 4 * MiB), pos)
-            if not chunk:
-                break
-            parts.append(chunk)
-            pos += len(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
 
 
 def write_fully(path, offset: int, data, fsync: bool = True) -> None:
