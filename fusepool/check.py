@@ -483,7 +483,17 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
         return node
 
     devices, roots = [], {}
+    seen_ids: set[int] = set()
     for dev in checker.state["devices"]:
+        dev_id = dev.get("dev_id") if isinstance(dev, dict) else None
+        if not isinstance(dev_id, int) or not 0 <= dev_id <= MAX_DEV_ID or dev_id in seen_ids:
+            said.append(f"dropped a device record with no usable dev_id: {str(dev)[:80]}")
+            continue
+        seen_ids.add(dev_id)
+        if not isinstance(dev.get("root"), int):
+            dev = dict(dev, root=0)
+            said.append(f"device {dev_id}: its root is unreadable; all its mappings are dropped")
+        dev.setdefault("name", str(dev_id))
         root = build(dev["root"]) if dev["root"] else None
         if dev["root"] and root is None:
             said.append(f"dropped all mappings of device {dev['dev_id']} ({dev['name']}): its root is unreadable")

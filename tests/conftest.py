@@ -170,5 +170,26 @@ def read_all(path, offset: int = 0, length: int | None = None) -> bytes:
         os.close(fd)
 
 
+def check_blocks(actual: bytes, model, name: str, block_size: int = 64 << 10) -> None:
+    """Equal, or an assertion naming the first differing block (not megabytes of repr)."""
+    assert len(actual) == len(model), f"{name}: length {len(actual)} != {len(model)}"
+    if actual != model:
+        bs = block_size
+        for b in range(0, len(model), bs):
+            if actual[b : b + bs] != model[b : b + bs]:
+                i = next(i for i in range(b, min(b + bs, len(model))) if actual[i] != model[i])
+                raise AssertionError(f"{name}: content differs first at byte {i} (block {b // bs})")
+
+
+def write_report(name: str, figures: dict) -> None:
+    """Figures for tools/reliability-report: $FUSEPOOL_REPORT_DIR/<name>.json, when set."""
+    directory = os.environ.get("FUSEPOOL_REPORT_DIR")
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+        json.dump(figures, f, indent=2, sort_keys=True)
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None

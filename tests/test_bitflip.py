@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import pytest
 import xxhash
 from conftest import is_mounted, run_fusepool
+from conftest import write_report as write_report_json
 from engine_model import VolumeModel, first_difference
 
 from fusepool.check import Checker, check_pool, repair
@@ -60,15 +61,7 @@ CATEGORY_WEIGHTS = {"live_new": 30, "live_shared": 20, "newest_sb": 8, "older_sb
 
 
 def write_report() -> None:
-    directory = os.environ.get("FUSEPOOL_REPORT_DIR")
-    if not directory:
-        return
-    os.makedirs(directory, exist_ok=True)
-    out = dict(STATS)
-    out["soak"] = SOAK
-    out["silently_wrong"] = STATS.get("silently_wrong", 0)
-    with open(os.path.join(directory, "bitflip.json"), "w") as f:
-        json.dump(out, f, indent=2, sort_keys=True)
+    write_report_json("bitflip", dict(STATS, soak=SOAK, silently_wrong=STATS.get("silently_wrong", 0)))
 
 
 # --- the pool under test ------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import fusepool_json, is_mounted, lazy_unmount, read_all, run_fusepool
+from conftest import check_blocks, fusepool_json, is_mounted, lazy_unmount, read_all, run_fusepool
 from fusepool.cli import pool_call
 from fusepool.units import parse_size
 
@@ -118,15 +118,6 @@ def random_write(rng: random.Random, size: int) -> tuple[int, bytes]:
         offset = rng.randrange((size - length) // BS + 1) * BS
     return offset, rng.randbytes(length)
 
-
-def check_blocks(actual: bytes, model: bytes | bytearray, name: str) -> None:
-    """Equal, or an assertion naming the first differing block (not 4 MiB of repr)."""
-    assert len(actual) == len(model), f"{name}: length {len(actual)} != {len(model)}"
-    if actual != model:
-        for b in range(0, len(model), BS):
-            if actual[b : b + BS] != model[b : b + BS]:
-                i = next(i for i in range(b, min(b + BS, len(model))) if actual[i] != model[i])
-                raise AssertionError(f"{name}: content differs first at byte {i} (block {b // BS})")
 
 
 def extents_blocks(pool, name) -> set:

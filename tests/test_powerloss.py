@@ -29,7 +29,6 @@ figures to DIR/powerloss.json.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
+from conftest import write_report as write_report_json
 from engine_model import VolumeModel, check_invariants, crash, first_difference, verify_all
 from faultfs import POLICIES, Event, FaultFS, write_image
 
@@ -62,15 +62,7 @@ STATS: Counter = Counter()
 
 
 def write_report() -> None:
-    directory = os.environ.get("FUSEPOOL_REPORT_DIR")
-    if not directory:
-        return
-    os.makedirs(directory, exist_ok=True)
-    out = dict(STATS)
-    out["data_lost"] = STATS.get("data_lost", 0)
-    out["soak"] = SOAK
-    with open(os.path.join(directory, "powerloss.json"), "w") as f:
-        json.dump(out, f, indent=2, sort_keys=True)
+    write_report_json("powerloss", dict(STATS, soak=SOAK, data_lost=STATS.get("data_lost", 0)))
 
 
 @pytest.fixture

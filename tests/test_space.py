@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import fusepool_json, read_all, run_fusepool
+from conftest import check_blocks, fusepool_json, read_all, run_fusepool
 from fusepool.check import check_pool
 from fusepool.cli import pool_call
 from fusepool.units import parse_size
@@ -59,15 +59,6 @@ def write_fully(path, offset: int, data, fsync: bool = True) -> None:
     finally:
         os.close(fd)
 
-
-def check_blocks(actual: bytes, model, name: str) -> None:
-    """Equal, or an assertion naming the first differing block (not megabytes of repr)."""
-    assert len(actual) == len(model), f"{name}: length {len(actual)} != {len(model)}"
-    if actual != model:
-        for b in range(0, len(model), BS):
-            if actual[b : b + BS] != model[b : b + BS]:
-                i = next(i for i in range(b, min(b + BS, len(model))) if actual[i] != model[i])
-                raise AssertionError(f"{name}: content differs first at byte {i} (block {b // BS})")
 
 
 def assert_enospc(exc: BaseException | None, what: str) -> None:
