@@ -279,7 +279,7 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
-        self.pool.commit()  # dm-thin: a FLUSH commits the metadata
+        self.pool.sync()  # dm-thin: a FLUSH commits the metadata
 
     async def flush(self, fh):
         pass  # sent at every close(): no commit needed (DESIGN.md)

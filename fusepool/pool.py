@@ -275,6 +275,10 @@ class Pool:
             log.warning("could not punch holes for %d freed blocks: %s", len(freed), exc)
         return txn
 
+    def sync(self) -> None:
+        """What a FLUSH (fsync) needs: everything written so far made durable."""
+        self.commit()
+
     def _fail(self, reason: str) -> None:
         """Stop accepting changes (dm-thin's read-only mode); reads still work."""
         if self.failed is None:
