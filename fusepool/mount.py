@@ -53,6 +53,38 @@ def check_mountpoint(mountpoint: str) -> None:
     del st
 
 
+# The kernel caps FUSE read-ahead at 128 KiB; 1 MiB made sequential reads 1.6x faster
+# (docs/performance.md).  Only root may raise it, through the mount's backing device info.
+READ_AHEAD_KB = 1024
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """``major:minor`` of the filesystem mounted at ``mountpoint``, from mountinfo.
+
+    Read from /proc rather than by stat(), which would ask this very daemon
+    before it serves requests.
+    """
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            path = fields[4].encode().decode("unicode_escape")  # \040 for spaces etc.
+            if path == mountpoint:
+                device = fields[2]  # the last match is the mount on top
+    return device
+
+
+def raise_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KB) -> None:
+    device = mount_device(mountpoint)
+    if device is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except OSError as exc:  # not root: the kernel default stays
+        log.debug("read-ahead of %s stays at the kernel default: %s", mountpoint, exc)
+
+
 def lazy_unmount(mountpoint: str) -> None:
     cmd = ["fusermount3", "-u", "-z", mountpoint] if os.getuid() else ["umount", "-l", mountpoint]
     subprocess.run(cmd, check=False, capture_output=True)
@@ -170,6 +202,7 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
         if debug_fuse:
             options.add("debug")
         pyfuse3.init(daemon.ops, mountpoint, options)
+        raise_read_ahead(mountpoint)
         try:
             trio.run(daemon.run, on_ready or (lambda: None))
         finally:

@@ -576,7 +576,10 @@ class Pool:
         if offset > dev.size:
             self._zero_tail(dev)
         bs = self.block_size
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)  # startswith below needs the object itself
         view = memoryview(data)
+        zeros = memoryview(self.zero_block)
         counts = self.space.counts
         snap_time = dev.snap_time
         zeroing = not self.config.skip_block_zeroing
@@ -600,8 +603,8 @@ class Pool:
             entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
             block = entry >> TIME_BITS
             whole = hi - lo == bs
-            # (a memoryview compared with bytes goes byte by byte: copy only likely zeros)
-            zero = not piece[0] and bytes(piece) == self.zero_block[: hi - lo]
+            # In place, no copy: a memoryview compared with bytes goes byte by byte.
+            zero = not piece[0] and data.startswith(zeros[: hi - lo], pos - offset)
             if entry == UNMAPPED:
                 if zero:  # unmapped blocks read as zeros already: nothing to store
                     written += hi - lo
