@@ -1,4 +1,4 @@
-"""fusepool's pools in the real kernel dm-thin target, inside a throw-away qemu VM.
+"""fusepool's pools and vagrant/'s provisioning in the real kernel dm-thin target, in a qemu VM.
 
 This machine's kernel has no device-mapper, so ``tools/kernel-vm`` boots
 Debian's kernel under qemu (TCG unless KVM really works) with the disk images
@@ -7,42 +7,31 @@ test builds a pool through the CLI and a mount, moves it to the kernel
 (``fusepool dump`` -> ``thin_restore`` -> ``dmsetup create``), compares every
 thin device with what the mount served, lets the kernel write, discard and
 break a snapshot share, and brings the result back with ``fusepool restore``.
+The provisioning test runs vagrant/'s scripts unchanged in one VM: Docker's
+direct-lvm and loop-lvm pools are built, written, re-activated, read back,
+autoextended by LVM's policy, torn down and built again.
 
-Skipped only when qemu-system-x86_64 or a kernel image with dm-thin modules
-(linux-image-amd64) is missing; anything else missing fails with the line
-``tools/kernel-vm check`` prints.
+Nothing is skipped: tools/setup installs qemu and the kernel, and a missing
+package fails the tests with the line ``tools/kernel-vm check`` prints.
 """
 
-import glob
 import json
 import os
 import random
 import subprocess
 import sys
 import time
+from math import ceil
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from conftest import have, run_fusepool
+from conftest import check_blocks, read_all, run_fusepool
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_VM = ROOT / "tools" / "kernel-vm"
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
-
-
-def kernel_installed() -> bool:
-    return any(glob.glob(f"/lib/modules/{os.path.basename(p)[len('vmlinuz-'):]}"
-                         "/kernel/drivers/md/dm-thin-pool.ko*") for p in glob.glob("/boot/vmlinuz-*"))
-
-
-pytestmark = [
-    pytest.mark.skipif(not have("qemu-system-x86_64"),
-                       reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"),
-    pytest.mark.skipif(not kernel_installed(),
-                       reason="no kernel with dm-thin modules (apt-get install linux-image-amd64)"),
-]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +70,21 @@ def test_run_passes_output_status_disks_and_files_back(kernel_vm, tmp_path):
     rw = tmp_path / "rw.img"
     with open(rw, "wb") as f:
         f.truncate(4 * MiB)
+    tree = tmp_path / "tree"  # for --copy: a directory with a script, a symlink, a subdirectory
+    (tree / "sub").mkdir(parents=True)
+    (tree / "run.sh").write_text("echo copied script ran\n")
+    (tree / "run.sh").chmod(0o755)
+    (tree / "sub" / "data").write_bytes(b"\x00\xffdata")
+    (tree / "link").symlink_to("sub/data")
+    single = tmp_path / "single.txt"
+    single.write_text("one file\n")
     out = tmp_path / "out"
     proc = vm_run(kernel_vm, tmp_path, r"""
 echo "to stdout"
 echo "to stderr" >&2
 echo "udev: $DM_DISABLE_UDEV greeting: $GREETING"
+/deep/dir/tree/run.sh
+cmp /deep/dir/tree/link /deep/dir/tree/sub/data && cat /files/single.txt
 head -c 15 /dev/vda
 if echo x | dd of=/dev/vda conv=fsync status=none 2>/dev/null; then echo "vda is writable"; fi
 echo "written by the guest" | dd of=/dev/vdb bs=512 seek=1 conv=fsync status=none
@@ -95,9 +94,11 @@ ln -s one.txt /out/link
 head -c 100000 /dev/zero | tr '\0' 'z' > /out/sub/big
 readlink /proc/$$/exe
 exit 7
-""", disks=[f"{ro}:ro", rw], out=out, extra=["--env", "GREETING=hello world"], expect_status=7)
-    assert proc.stdout.splitlines() == ["to stdout", "udev: 1 greeting: hello world",
-                                        "read-only disk", "/usr/bin/dash"], proc.stdout
+""", disks=[f"{ro}:ro", rw], out=out, expect_status=7,
+                  extra=["--env", "GREETING=hello world",
+                         "--copy", f"{tree}:/deep/dir/tree", "--copy", single])
+    assert proc.stdout.splitlines() == ["to stdout", "udev: 1 greeting: hello world", "copied script ran",
+                                        "one file", "read-only disk", "/usr/bin/dash"], proc.stdout
     assert "to stderr" in proc.stderr
     assert (out / "one.txt").read_text() == "one\n"
     assert os.readlink(out / "link") == "one.txt"
@@ -106,6 +107,22 @@ exit 7
     with open(rw, "rb") as f:
         f.seek(512)
         assert f.read(21) == b"written by the guest\n"
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("/no/such/file", "no such file or directory /no/such/file"),
+    (".:/usr/local/x", "cannot copy to /usr/local/x"),
+    (".:/tmp", "cannot copy to /tmp"),
+    (".:/", "cannot copy to /"),
+])
+def test_bad_copy_is_refused_before_booting(kernel_vm, tmp_path, spec, error):
+    script = tmp_path / "s.sh"
+    script.write_text("exit 0\n")
+    proc = subprocess.run([*kernel_vm, "run", "--script", str(script), "--copy", spec],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("kernel-vm: --copy ") and error in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 def test_timeout_kills_the_vm(kernel_vm, tmp_path):
@@ -117,22 +134,6 @@ def test_timeout_kills_the_vm(kernel_vm, tmp_path):
 
 # --- a fusepool pool in the kernel and back ---------------------------------------------------
 
-def read_file(path) -> bytes:
-    """Read through the mount, the file's page cache dropped first (what the daemon serves)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        size, parts, pos = os.fstat(fd).st_size, [], 0
-        while pos < size:
-            chunk = os.pread(fd, min(size - pos, 4 * MiB), pos)
-            assert chunk, f"{path}: short read at {pos}"
-            parts.append(chunk)
-            pos += len(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
 def pwrite_all(path, offset: int, data: bytes) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
@@ -143,16 +144,6 @@ def pwrite_all(path, offset: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def check_blocks(actual: bytes, expected: bytes, what: str) -> None:
-    """Equal, or an assertion naming the first differing block."""
-    assert len(actual) == len(expected), f"{what}: {len(actual)} bytes, expected {len(expected)}"
-    if actual != expected:
-        for b in range(0, len(expected), BS):
-            if actual[b:b + BS] != expected[b:b + BS]:
-                raise AssertionError(f"{what}: block {b // BS} differs: {actual[b:b + 32]!r}... "
-                                     f"expected {expected[b:b + 32]!r}...")
 
 
 def kernel_block(n: int) -> bytes:
@@ -213,7 +204,7 @@ def test_fusepool_pool_activates_in_the_kernel(kernel_vm, make_pool, make_mount,
     run_fusepool("discard", pool, "a", str(100 * BS), str(2 * BS))
     model["a"][100 * BS:102 * BS] = bytes(2 * BS)
 
-    served = {name: read_file(m.vol(name)) for name in model}
+    served = {name: read_all(m.vol(name)) for name in model}
     for name in model:  # the pool is what we think it is
         check_blocks(served[name], bytes(model[name]), f"mount {name}")
     m.umount()
@@ -283,5 +274,161 @@ def test_fusepool_pool_activates_in_the_kernel(kernel_vm, make_pool, make_mount,
     run_fusepool("check", back)
     m2 = make_mount(back)
     for name in names:
-        check_blocks(read_file(m2.vol(name)), bytes(expected[name]), f"restored {name}")
+        check_blocks(read_all(m2.vol(name)), bytes(expected[name]), f"restored {name}")
     m2.umount()
+
+
+# --- vagrant/'s provisioning scripts, unchanged, in the VM ------------------------------------
+
+# What the Vagrant box runs (vagrant/Vagrantfile), with the VM's disks and small sizes: vda is
+# direct-lvm's disk, vdb the filesystem for loop-lvm's files, vdc a disk for vgextend.
+PROVISION_ENV = {
+    "DIRECT_LVM_DISK": "/dev/vda", "BENCH_DISK": "/dev/vdb", "THIN_VOLUME_SIZE": "1G",
+    "LOOP_LVM_DATA_SIZE": "256M", "LOOP_LVM_METADATA_SIZE": "16M",
+}
+EXTENT = 4 * MiB  # LVM's default extent size
+PATTERN_AT = 3 * MiB  # the pattern's offset in both thin volumes: 512 KiB blocks 6 and 7
+
+PROVISION_SCRIPT = r"""
+set -eu
+v=/fusepool/vagrant
+setup() { $v/bench-fs.sh && $v/direct-lvm.sh && $v/loop-lvm.sh; }
+teardown() { $v/loop-lvm-teardown.sh && $v/direct-lvm-teardown.sh && $v/bench-fs-teardown.sh; }
+leftovers() {  # everything the scripts could leave behind
+    echo "dm: $(dmsetup ls | grep -v 'No devices found' | tr '\n' ' ')"
+    echo "loop: $(losetup -n -O NAME,BACK-FILE | tr '\n' ' ')"
+    echo "pvs: $(pvs --noheadings -o pv_name | tr -d ' \n')"
+    for d in /dev/vda /dev/vdb /dev/vdc; do echo "$d: $(blkid -p -o export $d | tr '\n' ' ')"; done
+    echo "mounts: $(grep -c fusepool-bench /proc/mounts)"
+    echo "fstab: $(grep -c fusepool-bench /etc/fstab)"
+    echo "profile: $(ls /etc/lvm/profile | grep -c docker-thinpool)"
+    echo "dir: $(ls -d /srv/fusepool-bench 2>/dev/null | wc -l)"
+}
+lvs_json() { lvs -a --reportformat json --binary --units b --nosuffix \
+    -o lv_name,lv_size,chunk_size,zero,profile,data_percent "$@"; }
+
+refused() {  # a run that must fail: its stderr
+    if "$@" > /dev/null 2>> /out/refused.txt; then echo "not refused: $*" >&2; exit 1; fi
+}
+
+setup
+lvs_json docker > /out/lvs.json
+dmsetup table > /out/table.txt
+# a disk in use, or a bad size, stops a script before it changes anything
+DIRECT_LVM_VG=other DIRECT_LVM_DISK=/dev/vda refused $v/direct-lvm.sh
+DIRECT_LVM_VG=other DIRECT_LVM_DISK=/dev/vdb refused $v/direct-lvm.sh
+BENCH_DIR=/srv/other BENCH_DISK=/dev/vda refused $v/bench-fs.sh
+LOOP_LVM_POOL=other THIN_VOLUME_SIZE=lots refused $v/loop-lvm.sh
+
+# Written through the thin volumes, read back after a deactivation and a second run of the
+# scripts (which re-activates direct-lvm and re-attaches loop-lvm's files, as after a reboot).
+for dev in /dev/docker/bench /dev/mapper/loop-lvm-bench; do
+    dd if=/files/pattern of=$dev bs=64K seek=$((PATTERN_AT / 65536)) oflag=direct conv=fsync status=none
+done
+dmsetup status > /out/status-written.txt
+vgchange -an docker
+dmsetup remove loop-lvm-bench
+dmsetup remove loop-lvm-pool
+losetup -D
+setup > /out/second-run.txt
+dd if=/dev/docker/bench of=/out/direct.img bs=1M count=8 iflag=direct status=none
+dd if=/dev/mapper/loop-lvm-bench of=/out/loop.img bs=1M count=8 iflag=direct status=none
+
+# The autoextend profile at work: past 80% full, LVM's policy (what dmeventd runs) grows the
+# pool by 20%, but only once the volume group has room for it.  Provisioning 4 KiB every
+# 512 KiB fills the pool with little I/O (no zeroing).
+pool=$(lvs --noheadings --units b --nosuffix -o lv_size docker/thinpool | tr -d ' ')
+fio --name=fill --filename=/dev/docker/bench --rw=write:508k --bs=4k --direct=1 \
+    --offset=16M --size=$((pool * 85 / 100)) > /dev/null
+lvs_json docker/thinpool > /out/lvs-full.json
+if lvextend --use-policies docker/thinpool 2> /out/autoextend-1.txt; then echo 0; else echo $?; fi \
+    > /out/autoextend-1.status
+pvcreate -q /dev/vdc
+vgextend -q docker /dev/vdc
+lvextend --use-policies docker/thinpool 2>&1
+lvs_json docker/thinpool > /out/lvs-extended.json
+
+teardown
+leftovers > /out/leftovers.txt
+"""
+
+
+def test_vagrant_provisioning_builds_kernel_thin_pools(kernel_vm, tmp_path):
+    """vagrant/'s scripts, unchanged, build Docker's direct-lvm and loop-lvm pools in the kernel
+    (512 KiB blocks, no zeroing, the autoextend profile), whose thin volumes keep what is written,
+    and their teardown leaves nothing, so they run again."""
+    disks = []
+    for name, size in (("direct-lvm", 512 * MiB), ("bench-fs", 1024 * MiB), ("extra-pv", 512 * MiB)):
+        disks.append(tmp_path / f"{name}.img")
+        with open(disks[-1], "wb") as f:
+            f.truncate(size)
+    pattern = tmp_path / "pattern"
+    pattern.write_bytes(random.Random(6).randbytes(1 * MiB))
+    env = [f"--env={k}={v}" for k, v in {**PROVISION_ENV, "PATTERN_AT": PATTERN_AT}.items()]
+    out = tmp_path / "out"
+    started = time.monotonic()
+    proc = vm_run(kernel_vm, tmp_path, PROVISION_SCRIPT, disks=disks, out=out, timeout=300,
+                  extra=[*env, "--copy", f"{ROOT / 'vagrant'}:/fusepool/vagrant", "--copy", pattern])
+    print(f"VM run: {time.monotonic() - started:.1f} s")
+    # Docker's commands, as the scripts print them
+    for command in ("+ lvconvert -y --zero n -c 512K --thinpool docker/thinpool --poolmetadata "
+                    "docker/thinpoolmeta", "+ lvchange --metadataprofile docker-thinpool docker/thinpool",
+                    "+ dmsetup message loop-lvm-pool 0 create_thin 0"):
+        assert command in proc.stdout, proc.stdout
+
+    # 1. direct-lvm: 95% / 1% of the VG, 512 KiB chunks, zeroing off, the profile attached
+    lvs = {lv["lv_name"]: lv for lv in json.loads((out / "lvs.json").read_text())["report"][0]["lv"]}
+    assert set(lvs) == {"thinpool", "[thinpool_tdata]", "[thinpool_tmeta]", "[lvol0_pmspare]", "bench"}
+    pool = lvs["thinpool"]
+    assert (int(pool["chunk_size"]), pool["zero"], pool["lv_profile"]) == (512 * KiB, "0", "docker-thinpool")
+    vg_extents = (512 * MiB - 1 * MiB) // EXTENT  # the PV's label and metadata take the first MiB
+    pool_extents = int(pool["lv_size"]) // EXTENT
+    assert pool_extents == vg_extents * 95 // 100  # LVM rounds percentages down
+    assert int(lvs["[thinpool_tmeta]"]["lv_size"]) == vg_extents // 100 * EXTENT
+    assert int(lvs["bench"]["lv_size"]) == 1 << 30
+    table = dict(line.split(": ", 1) for line in (out / "table.txt").read_text().splitlines())
+    direct = table["docker-thinpool-tpool"].split()
+    assert direct[2] == "thin-pool" and direct[5] == "1024" and direct[-1] == "skip_block_zeroing", direct
+    # 2. loop-lvm: loop devices, 512 KiB blocks, Docker's low-water mark, zeroing off, thin id 0
+    loop = table["loop-lvm-pool"].split()
+    assert loop[2] == "thin-pool" and loop[5:] == ["1024", "32768", "1", "skip_block_zeroing"], loop
+    assert all(dev.startswith("7:") for dev in loop[3:5]), loop  # major 7: loop devices
+    assert int(loop[1]) == 256 * MiB // 512
+    thin = table["loop-lvm-bench"].split()
+    assert (thin[1], thin[2], thin[4]) == (str((1 << 30) // 512), "thin", "0"), thin
+
+    assert (out / "refused.txt").read_text().splitlines() == [
+        "direct-lvm.sh: /dev/vda is not empty (TYPE=LVM2_member): not touching it; "
+        "if it is really free, wipefs -a /dev/vda",
+        "direct-lvm.sh: /dev/vdb is mounted: not touching it",
+        "bench-fs.sh: /dev/vda is not empty (TYPE=LVM2_member): not touching it; "
+        "if it is really free, wipefs -a /dev/vda",
+        "loop-lvm.sh: bad size 'lots' (e.g. 512M, 10G)"]
+
+    # 3. both thin volumes kept the pattern across a deactivation (zeros around it), and each
+    # pool provisioned exactly the two 512 KiB blocks it covers
+    expected = bytearray(8 * MiB)
+    expected[PATTERN_AT:PATTERN_AT + MiB] = pattern.read_bytes()
+    for name in ("direct", "loop"):
+        check_blocks((out / f"{name}.img").read_bytes(), bytes(expected), f"{name}-lvm volume", 512 * KiB)
+    status = dict(line.split(": ", 1) for line in (out / "status-written.txt").read_text().splitlines())
+    for dm_name in ("docker-thinpool-tpool", "loop-lvm-pool"):
+        assert status[dm_name].split()[5].split("/")[0] == "2", status[dm_name]
+    second = (out / "second-run.txt").read_text()
+    assert "keeping it" in second and "re-attaching" in second, second
+
+    # 4. autoextend: the policy grows the pool by 20% only once the VG has room (Docker's recipe
+    # leaves ~4% of a single disk free)
+    full = json.loads((out / "lvs-full.json").read_text())["report"][0]["lv"][0]
+    extended = json.loads((out / "lvs-extended.json").read_text())["report"][0]["lv"][0]
+    assert float(full["data_percent"]) > 80
+    assert (out / "autoextend-1.status").read_text().strip() != "0"
+    assert "Insufficient free space" in (out / "autoextend-1.txt").read_text()
+    assert int(extended["lv_size"]) == (pool_extents + ceil(pool_extents * 20 / 100)) * EXTENT
+    assert float(extended["data_percent"]) < 80
+
+    # 5. teardown leaves nothing: no device-mapper or loop device, no LVM label or filesystem
+    # on any disk (so the scripts' empty-disk check passes again), no mount, fstab line, profile
+    leftovers = (out / "leftovers.txt").read_text().splitlines()
+    assert leftovers == ["dm: ", "loop: ", "pvs: ", "/dev/vda: ", "/dev/vdb: ", "/dev/vdc: ",
+                         "mounts: 0", "fstab: 0", "profile: 0", "dir: 0"], leftovers
