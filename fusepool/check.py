@@ -16,18 +16,20 @@ the result as a fresh metadata file; the old one is kept as
 
 import logging
 import os
+import uuid as uuidlib
 from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import xxhash
 
-from fusepool.config import METADATA, PoolConfig, PoolLock
+from fusepool.config import JOURNAL, METADATA, PoolConfig, PoolLock
 from fusepool.errors import Corrupt, PoolError
 from fusepool.metadata.format import (
     COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
     PAGE_SPACEMAP, TIME_BITS, TIME_MASK, UNMAPPED, Superblock, decode_root, unpack_page,
 )
+from fusepool.metadata.journal import Journal
 from fusepool.metadata.spacemap import DataSpaceMap
 from fusepool.metadata.store import MetadataStore, read_superblocks
 from fusepool.metadata.tree import Node
@@ -363,7 +365,10 @@ def check_pool(pool_dir: str, progress: Progress | None = None, slot: int | None
     """Check the pool at ``pool_dir``; the caller holds its lock (or the daemon does)."""
     config, fd = _open_checked(pool_dir)
     try:
-        report = Checker(fd, config.block_size, slot, progress).run()
+        checker = Checker(fd, config.block_size, slot, progress)
+        report = checker.run()
+        if checker.state is not None and slot is None:
+            check_journal(checker, os.path.join(pool_dir, JOURNAL))
         data_path = os.path.join(pool_dir, "data")
         if report.transaction is not None and os.path.exists(data_path):
             need = report.data_blocks * config.block_size
@@ -373,6 +378,44 @@ def check_pool(pool_dir: str, progress: Progress | None = None, slot: int | None
         return report
     finally:
         os.close(fd)
+
+
+def check_journal(checker: Checker, path: str) -> None:
+    """Records waiting to be replayed must apply to the commit they follow."""
+    sb, report = checker.sb, checker.report
+    journal = Journal(path, readonly=True)
+    try:
+        records = journal.read(uuidlib.UUID(sb.uuid).bytes, sb.transaction_id)
+    finally:
+        journal.close()
+    if not records:
+        return
+    sizes = {d["dev_id"]: d["size"] for d in checker.state["devices"]}
+    mappings = 0
+    for record in records:
+        if record.time != sb.time:
+            checker.problem("journal", f"journal record {record.seq} has pool time {record.time}, "
+                            f"the commit {sb.time}")
+        for dev_id, size, _mtime in record.devices:
+            if dev_id not in sizes:
+                checker.problem("journal", f"journal record {record.seq} names device {dev_id}, "
+                                "which does not exist")
+            else:
+                sizes[dev_id] = max(sizes[dev_id], size)
+        words = record.mappings
+        for i in range(0, len(words), 3):
+            dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
+            blocks = max(1, -(-sizes.get(dev_id, 0) // checker.block_size))
+            if dev_id not in sizes or vb >= blocks:
+                checker.problem("journal", f"journal record {record.seq} maps block {vb} of device "
+                                f"{dev_id}, outside every volume")
+            elif entry != UNMAPPED and (entry >> TIME_BITS >= sb.nr_data_blocks
+                                        or entry & TIME_MASK > sb.time & TIME_MASK):
+                checker.problem("journal", f"journal record {record.seq} maps block {vb} of device "
+                                f"{dev_id} to an invalid entry {entry:#x}")
+        mappings += record.nr_mappings
+    report.notes.append(f"journal: {len(records)} record(s), {mappings} mapping change(s) synced "
+                        f"after transaction {sb.transaction_id}; replayed when the pool opens")
 
 
 def check_offline(pool_dir: str, progress: Progress | None = None) -> Report:
@@ -444,6 +487,7 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         except FileNotFoundError:
             pass
         _write_fresh(new_path, new_sb, state, roots, counts)
+        _drop_journal(pool_dir, sb.uuid, candidates[0][0], said)  # it follows a replaced commit
         old = os.path.join(pool_dir, METADATA)
         os.replace(old, os.path.join(pool_dir, METADATA + ".damaged"))
         os.replace(new_path, old)
@@ -457,6 +501,28 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         said.append(f"wrote new metadata at transaction {new_sb.transaction_id + 1}; the old file "
                     f"is kept as {METADATA}.damaged")
         return said
+    finally:
+        os.close(fd)
+
+
+def _drop_journal(pool_dir: str, uuid: str, newest_txn: int, said: list[str]) -> None:
+    path = os.path.join(pool_dir, JOURNAL)
+    journal = Journal(path, readonly=True)
+    try:
+        pending = journal.read(uuidlib.UUID(uuid).bytes, newest_txn)
+    finally:
+        journal.close()
+    if pending:
+        said.append(f"dropped {len(pending)} journal record(s): writes synced after transaction "
+                    f"{newest_txn} are not in the repaired metadata")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -19,6 +19,7 @@ from fusepool.errors import NotAPool, PoolBusy
 
 DATA, METADATA, CONFIG, LOCK, SOCKET, LOG = (
     "data", "metadata", "pool.json", "lock", "control.sock", "fusepool.log")
+JOURNAL = "journal"  # the sync journal (fusepool/metadata/journal.py)
 
 
 @dataclass

@@ -27,10 +27,11 @@ import logging
 import os
 import time as wallclock
 import uuid as uuidlib
+from array import array
 from dataclasses import dataclass, field
 
 from fusepool import __version__
-from fusepool.config import DATA, METADATA, PoolConfig, PoolLock
+from fusepool.config import DATA, JOURNAL, METADATA, PoolConfig, PoolLock
 from fusepool.datastore import DataStore
 from fusepool.errors import (
     BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
@@ -39,6 +40,7 @@ from fusepool.errors import (
 from fusepool.metadata.format import (
     FANOUT, FLAG_NEEDS_CHECK, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_SIZE, TIME_BITS, TIME_MASK, UNMAPPED, Superblock,
 )
+from fusepool.metadata.journal import Journal
 from fusepool.metadata.spacemap import DataSpaceMap
 from fusepool.metadata.store import MetadataStore
 from fusepool.metadata.tree import Node, Tree, height_for
@@ -52,6 +54,10 @@ MAX_METADATA_SIZE = 16 << 30  # dm-thin's limit is just under 16 GiB
 MAX_NAME_BYTES = 255
 CONTROL_NAME = ".fusepool"  # reserved: the mount's hidden control file (see fs.py)
 METADATA_RESERVE_PAGES = 64  # kept free so a commit can always be written
+# Past these an fsync takes a full commit instead of a journal record (a long journal
+# would make a crash's replay slow and hold freed blocks back too long).
+JOURNAL_MAX_MAPPINGS = 100_000
+JOURNAL_MAX_BYTES = 16 << 20
 
 
 @dataclass
@@ -148,10 +154,11 @@ class Pool:
             sb = Superblock(uuid, 0, 0, block_size, nr_blocks, nr_pages,
                             root_len=0, root_checksum=0, root_pages=[])
             MetadataStore.create(os.path.join(path, METADATA), sb, nr_blocks)
+            Journal.create(os.path.join(path, JOURNAL))
             PoolConfig(uuid, block_size, base_size, min_free_space, skip_block_zeroing,
                        no_space_timeout).save(path)
         except BaseException:
-            for name in (DATA, METADATA, "pool.json"):
+            for name in (DATA, METADATA, JOURNAL, "pool.json"):
                 try:
                     os.unlink(os.path.join(path, name))
                 except FileNotFoundError:
@@ -208,6 +215,20 @@ class Pool:
         self.dirty = False  # metadata changed since the last commit
         self.data_dirty = False  # data written since the last flush
         self.commits = 0
+        # What the next journal record must carry: per device, the virtual blocks
+        # remapped since the last commit or record.  Anything else that changes
+        # (devices, names, pool time) needs a full commit: ``structure_changed``.
+        self.unsynced: dict[int, set[int]] = {}
+        self.structure_changed = False
+        self.journal_syncs = 0
+        self.journal = Journal(os.path.join(path, JOURNAL), readonly)
+        try:
+            self._replay_journal(sb)
+        except BaseException:
+            self.journal.close()
+            self.data.close()
+            self.store.close()
+            raise
         if sb.flags & FLAG_NEEDS_CHECK:
             log.warning("pool %s is flagged needs-check: run `fusepool check`", path)
         if not readonly:
@@ -224,6 +245,7 @@ class Pool:
             if not self.readonly and self.failed is None and (self.dirty or self.data_dirty):
                 self.commit()
         finally:
+            self.journal.close()
             self.data.close()
             self.store.close()
             self.lock.release()
@@ -268,6 +290,9 @@ class Pool:
         self.dirty = False
         self.tree.dirtied = 0
         self.commits += 1
+        self.journal.reset()  # its records are in this commit now
+        self.unsynced = {}
+        self.structure_changed = False
         freed = self.space.committed()
         try:
             self.data.punch(freed)
@@ -276,8 +301,121 @@ class Pool:
         return txn
 
     def sync(self) -> None:
-        """What a FLUSH (fsync) needs: everything written so far made durable."""
-        self.commit()
+        """What a FLUSH (fsync) needs: everything written so far made durable.
+
+        Data-path changes since the last commit (writes, discards) go to the
+        journal: one append and two fdatasyncs, whatever the size of the trees.
+        Anything else, a journal grown too long or a journal write that fails
+        takes a full commit.
+        """
+        if not self.dirty or not self._journal_fits():
+            self.commit()
+            return
+        self._check_writable()
+        try:
+            self.data.flush()
+            self.data_dirty = False
+            self.journal.append(self._uuid_bytes, self.store.superblock.transaction_id, self.time,
+                                *self._journal_payload())
+        except OSError as exc:
+            log.info("journal append failed (%s): committing instead", exc)
+            self.commit()
+            return
+        self.unsynced = {}
+        self.journal_syncs += 1
+
+    def _journal_fits(self) -> bool:
+        if self.structure_changed or self.readonly or self.failed is not None:
+            return False
+        if self.time != self.store.superblock.time:
+            return False
+        changed = sum(len(vbs) for vbs in self.unsynced.values())
+        return changed <= JOURNAL_MAX_MAPPINGS and self.journal.end + 24 * changed <= JOURNAL_MAX_BYTES
+
+    def _journal_payload(self) -> tuple[list[tuple[int, int, int]], array]:
+        devices = []
+        mappings = array("Q")
+        for dev_id, vbs in self.unsynced.items():
+            dev = self.devices.get(dev_id)
+            if dev is None:  # (dropped: a structure change, so never here)
+                continue
+            devices.append((dev_id, dev.size, int(dev.mtime * 1e9)))
+            root = dev.root
+            leaf_index, leaf = -1, None
+            for vb in sorted(vbs):
+                if vb // FANOUT != leaf_index:
+                    leaf_index = vb // FANOUT
+                    leaf = Tree.leaf(root, leaf_index)
+                mappings.extend((dev_id, vb, leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED))
+        return devices, mappings
+
+    def _replay_journal(self, sb) -> None:
+        """Apply the journal records that follow the commit just opened (after a crash)."""
+        records = self.journal.read(self._uuid_bytes, sb.transaction_id)
+        if not records:
+            return
+        nr_mappings = sum(r.nr_mappings for r in records)
+        try:
+            for record in records:
+                if record.time != self.time:
+                    raise Corrupt(f"record {record.seq} has pool time {record.time}, the commit "
+                                  f"{self.time}")
+                self._apply_record(record)
+        except Corrupt as exc:
+            raise Corrupt(f"the journal of pool {self.path} does not apply to its metadata ({exc}); "
+                          f"run `fusepool check {self.path}` and `fusepool repair {self.path}`") from None
+        log.info("pool %s: replayed %d journal record(s), %d mapping(s), on top of transaction %d",
+                 self.path, len(records), nr_mappings, sb.transaction_id)
+        self.unsynced = {}
+
+    def _apply_record(self, record) -> None:
+        for dev_id, size, mtime_ns in record.devices:
+            dev = self.devices.get(dev_id)
+            if dev is None:
+                raise Corrupt(f"record {record.seq} names device {dev_id}, which does not exist")
+            if size > dev.size:
+                self._grow_device(dev, size)
+            dev.mtime = mtime_ns / 1e9
+        words = record.mappings
+        changes: dict[int, list[tuple[int, int]]] = {}
+        for i in range(0, len(words), 3):
+            dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
+            dev = self.devices.get(dev_id)
+            if dev is None or vb >= self._blocks_for(dev.size):
+                raise Corrupt(f"record {record.seq} maps block {vb} of device {dev_id}, "
+                              "outside every volume")
+            if entry != UNMAPPED and (entry >> TIME_BITS >= self.nr_blocks
+                                      or entry & TIME_MASK > self.time & TIME_MASK):
+                raise Corrupt(f"record {record.seq} maps to an invalid entry {entry:#x}")
+            changes.setdefault(dev_id, []).append((vb, entry))
+        for dev_id, dev_changes in changes.items():
+            self._set_entries(self.devices[dev_id], dev_changes)
+
+    def _set_entries(self, dev: Device, changes: list[tuple[int, int]]) -> None:
+        """Set mapping entries as a journal logged them; reference counts follow."""
+        level = height_for(self._blocks_for(dev.size))
+        space = self.space
+        leaf_index, leaf = -1, None
+        for vb, entry in changes:
+            if vb // FANOUT != leaf_index:
+                leaf_index = vb // FANOUT
+                dev.root, leaf = self.tree.writable_leaf(dev.root, level, leaf_index)
+            slot = vb % FANOUT
+            old = leaf.entries[slot]
+            if old == entry:
+                continue
+            if entry != UNMAPPED:  # the new block first: a count never dips to zero and back
+                block = entry >> TIME_BITS
+                if space.counts[block]:
+                    space.inc(block)
+                else:
+                    space.claim(block)
+                dev.mapped_blocks += 1
+            leaf.entries[slot] = entry
+            if old != UNMAPPED:
+                space.dec(old >> TIME_BITS)
+                dev.mapped_blocks -= 1
+        self.dirty = True
 
     def _fail(self, reason: str) -> None:
         """Stop accepting changes (dm-thin's read-only mode); reads still work."""
@@ -301,6 +439,10 @@ class Pool:
                                    f"`fusepool extend {self.path} --metadata-size SIZE`")
 
     # --- properties ----------------------------------------------------------------
+
+    @property
+    def _uuid_bytes(self) -> bytes:
+        return uuidlib.UUID(self.store.superblock.uuid).bytes
 
     @property
     def nr_blocks(self) -> int:
@@ -366,7 +508,7 @@ class Pool:
     def _add(self, dev: Device) -> None:
         self.devices[dev.dev_id] = dev
         self.names[dev.name] = dev.dev_id
-        self.dirty = True
+        self.dirty = self.structure_changed = True
         try:
             self.commit()
         except PoolError:
@@ -388,7 +530,7 @@ class Pool:
         self._check_writable()
         del self.names[name]
         dev.deleted = True
-        self.dirty = True
+        self.dirty = self.structure_changed = True
         try:
             self.commit()
         except PoolError:
@@ -413,7 +555,7 @@ class Pool:
             self.tree.drop(dev.root)
             dev.root = None
         del self.devices[dev.dev_id]
-        self.dirty = True
+        self.dirty = self.structure_changed = True
 
     def rename(self, old: str, new: str) -> None:
         validate_name(new)
@@ -426,7 +568,7 @@ class Pool:
         del self.names[old]
         dev.name = new
         self.names[new] = dev.dev_id
-        self.dirty = True
+        self.dirty = self.structure_changed = True
         self.commit()
 
     def resize(self, name: str, size: int) -> Device:
@@ -463,6 +605,7 @@ class Pool:
     def _grow_device(self, dev: Device, size: int) -> None:
         self._check_size(size)
         dev.size = size
+        self.unsynced.setdefault(dev.dev_id, set())  # the journal carries the new size
         dev.root = self.tree.grow(dev.root, self._blocks_for(size))
         self.dirty = True
 
@@ -699,7 +842,9 @@ class Pool:
         level = height_for(self._blocks_for(dev.size))
         stamp = self.time & TIME_MASK
         leaf_index, leaf = -1, None
+        unsynced = self.unsynced.setdefault(dev.dev_id, set())
         for vb, new in changes:
+            unsynced.add(vb)
             if vb // FANOUT != leaf_index:
                 leaf_index = vb // FANOUT
                 dev.root, leaf = self.tree.writable_leaf(dev.root, level, leaf_index)
@@ -776,14 +921,14 @@ class Pool:
             self._check_writable()
         if meta_pages > self.store.superblock.nr_meta_pages:
             self.store.grow(meta_pages)
-            self.dirty = True
+            self.dirty = self.structure_changed = True
             if self.failed is not None and "metadata" in self.failed:
                 log.info("metadata extended: pool %s is writable again", self.path)
                 self.failed = None
         if nr_blocks > self.nr_blocks:
             self.data.grow(nr_blocks * self.block_size)
             self.space.grow(nr_blocks)
-            self.dirty = True
+            self.dirty = self.structure_changed = True
         self.commit()
 
     # --- statistics ----------------------------------------------------------------------
@@ -867,6 +1012,7 @@ class Pool:
             "host_free_bytes": host_free,
             "host_allocated_bytes": self.data.allocated_bytes(),
             "transaction_id": self.transaction_id,
+            "journal_records": self.journal.seq,  # synced since that transaction, not yet in it
             "time": self.time,
             "read_only": self.failed,
             "library_version": f"fusepool {__version__}",

@@ -628,7 +628,8 @@ def test_host_filesystem_full_at_commit(hostfs_pool, leave_pages):
     os.unlink(filler)
     for name in ("a", "b"):
         write_fully(m.vol(name), 0, models[name][:10])  # fsync works again
-    assert info(pool)["transaction_id"] > txn
+    st = info(pool)  # (the fsync made a commit, or a journal record on top of one)
+    assert st["transaction_id"] > txn or st["journal_records"] > 0, st
     check_clean(pool)  # online
     m.umount()
     check_clean(pool)

@@ -45,6 +45,16 @@ class DataSpaceMap:
         self.dirty_pages.add(i // COUNTS_PER_PAGE)
         return i
 
+    def claim(self, block: int) -> None:
+        """Reference a free block chosen by the caller (journal replay)."""
+        if self.counts[block] or self.busy[block]:
+            raise Corrupt(f"data block {block} is not free")
+        self.busy[block] = 1
+        self.counts[block] = 1
+        self.used += 1
+        self.free -= 1
+        self.dirty_pages.add(block // COUNTS_PER_PAGE)
+
     def unallocate(self, block: int) -> None:
         """Undo :meth:`allocate` for a block never mapped (its write failed)."""
         self.counts[block] = 0
