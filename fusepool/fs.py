@@ -72,8 +72,14 @@ class FusepoolOperations(pyfuse3.Operations):
         self.handles: dict[int, int] = {}  # fh -> dev_id
         self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
+        self.initialised = trio.Event()  # the kernel has finished mounting
         self.uid = os.getuid()
         self.gid = os.getgid()
+
+    def init(self):
+        # Called while the kernel's INIT request is handled; the reply (which caps the
+        # read-ahead) is written before any other trio task runs.
+        self.initialised.set()
 
     # --- attributes --------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 
@@ -64,13 +65,15 @@ def mount_device(mountpoint: str) -> str | None:
     Read from /proc rather than by stat(), which would ask this very daemon
     before it serves requests.
     """
+    want = os.fsencode(mountpoint)
     device = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            path = fields[4].encode().decode("unicode_escape")  # \040 for spaces etc.
-            if path == mountpoint:
-                device = fields[2]  # the last match is the mount on top
+            # the kernel writes space, tab, newline and backslash as octal escapes
+            path = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if path == want:
+                device = fields[2].decode()  # the last match is the mount on top
     return device
 
 
@@ -105,6 +108,7 @@ class Daemon:
             await nursery.start(self._serve_control)
             nursery.start_soon(self._commit_timer)
             nursery.start_soon(self._signals)
+            nursery.start_soon(self._after_init)
             on_ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()  # the kernel unmounted us, or terminate()
@@ -117,6 +121,10 @@ class Daemon:
                     self.pool.commit()
                 except PoolError as exc:
                     log.error("periodic commit failed: %s", exc)
+
+    async def _after_init(self) -> None:
+        await self.ops.initialised.wait()
+        raise_read_ahead(self.mountpoint)  # the INIT reply set it to at most 128 KiB
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -202,7 +210,6 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
         if debug_fuse:
             options.add("debug")
         pyfuse3.init(daemon.ops, mountpoint, options)
-        raise_read_ahead(mountpoint)
         try:
             trio.run(daemon.run, on_ready or (lambda: None))
         finally:

@@ -864,3 +864,12 @@ def test_info_text_and_inspect_json(make_pool, make_mount):
             m.umount()
     proc = run_fusepool("inspect", pool, "nosuch", check=False)
     assert proc.returncode == 1 and "nosuch" in proc.stderr
+
+
+@pytest.mark.root
+def test_read_ahead_is_raised_to_one_mebibyte(pool, make_mount, tmp_path):
+    # A mountpoint whose name mountinfo escapes: the daemon must still find its mount.
+    m = make_mount(pool, name="mnt with space é")
+    dev = os.stat(m.mountpoint).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        assert f.read().strip() == "1024"
