@@ -313,8 +313,9 @@ class Pool:
             return
         self._check_writable()
         try:
-            self.data.flush()
-            self.data_dirty = False
+            if self.data_dirty:  # (an fdatasync with nothing to write still flushes the disk)
+                self.data.flush()
+                self.data_dirty = False
             self.journal.append(self._uuid_bytes, self.store.superblock.transaction_id, self.time,
                                 *self._journal_payload())
         except OSError as exc:
