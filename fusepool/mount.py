@@ -59,6 +59,11 @@ def check_mountpoint(mountpoint: str) -> None:
 READ_AHEAD_KB = 1024
 
 
+def unescape_mount_path(field: bytes) -> bytes:
+    """A path as /proc/*/mounts and mountinfo write it: space, tab, newline, backslash in octal."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
 def mount_device(mountpoint: str) -> str | None:
     """``major:minor`` of the filesystem mounted at ``mountpoint``, from mountinfo.
 
@@ -70,9 +75,7 @@ def mount_device(mountpoint: str) -> str | None:
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            # the kernel writes space, tab, newline and backslash as octal escapes
-            path = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-            if path == want:
+            if unescape_mount_path(fields[4]) == want:
                 device = fields[2].decode()  # the last match is the mount on top
     return device
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from fusepool.mount import unescape_mount_path
+
 FUSEPOOL = [sys.executable, "-m", "fusepool"]
 SMALL_POOL = ["--data-size", "512M", "--metadata-size", "64M"]
 
@@ -53,9 +55,9 @@ def lazy_unmount(mountpoint) -> None:
 
 
 def is_mounted(mountpoint) -> bool:
-    target = os.path.abspath(mountpoint)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    target = os.fsencode(os.path.abspath(mountpoint))
+    with open("/proc/self/mounts", "rb") as f:
+        return any(unescape_mount_path(line.split()[1]) == target for line in f)
 
 
 def daemon_pid(mountpoint) -> int | None:
