@@ -126,3 +126,23 @@ def test_vagrant_validate_catches_a_broken_vagrantfile(tmp_path, typo, error):
     proc = vagrant_validate(tmp_path / "vagrant", tmp_path, provider="libvirt")
     assert proc.returncode != 0
     assert error in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script, env, error", [
+    ("install-fusepool.sh", {"FUSEPOOL_DIR": "/nonexistent"},
+     "/nonexistent/tools/setup not found: set FUSEPOOL_DIR to the checkout"),
+    ("compare.sh", {"DIRECT_LVM_VG": "no-such-vg"}, "no /dev/no-such-vg/bench: run direct-lvm.sh first"),
+    ("direct-lvm.sh", {"THIN_VOLUME_SIZE": "12 parsecs"}, "bad size '12 parsecs' (e.g. 512M, 10G)"),
+    ("loop-lvm.sh", {"LOOP_LVM_DATA_SIZE": "1.5G"}, "bad size '1.5G' (e.g. 512M, 10G)"),
+    ("bench-fs.sh", {"BENCH_DISK": "/nonexistent", "BENCH_DIR": "/nonexistent-dir"},
+     "/nonexistent: not a block device"),
+])
+def test_scripts_refuse_bad_settings_with_one_line(script, env, error):
+    """Run on this host (no device-mapper needed: they stop before touching anything)."""
+    path = VAGRANT_DIR / script
+    if os.getuid() != 0 and "bad size" not in error:  # sizes are checked first
+        error = f"run me as root (sudo {path})"
+    proc = subprocess.run([str(path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "FUSEPOOL_DIR": str(ROOT), **env})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [f"{script}: {error}"], proc.stderr

@@ -56,5 +56,8 @@ check_empty_disk() {
 
 # Bytes in a size like 10G, 512M, 100G (binary units, as LVM and Docker mean them).
 bytes() {
+    case $1 in  # numfmt alone would take "12 parsecs" for 12
+        '' | [!0-9]* | *[!0-9KMGTP]*) die "bad size '$1' (e.g. 512M, 10G)" ;;
+    esac
     numfmt --from=iec "$1" 2>/dev/null || die "bad size '$1' (e.g. 512M, 10G)"
 }

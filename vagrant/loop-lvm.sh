@@ -30,12 +30,12 @@ low_water=${LOOP_LVM_LOW_WATER_MARK:-32768}
 pool=${LOOP_LVM_POOL:-loop-lvm-pool}
 volume=${LOOP_LVM_VOLUME:-loop-lvm-bench}
 size=${THIN_VOLUME_SIZE:-10G}
-need_root
-need dmsetup losetup truncate blockdev numfmt
 size_bytes=$(bytes "$size")
 volume_sectors=$((size_bytes / 512))
 bytes "$data_size" >/dev/null
 bytes "$metadata_size" >/dev/null
+need_root
+need dmsetup losetup truncate blockdev numfmt
 
 # The loop device of a file: the one it is attached to already, or a new one.
 loop_of() {
