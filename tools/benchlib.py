@@ -24,7 +24,7 @@ def populate(pool, name: str, n: int, block_size: int = BLOCK):
 
 
 def percentile(samples: list[float], pct: float) -> float:
-    """The nearest-rank percentile (p99 of 50 samples is the largest but none)."""
+    """The nearest-rank percentile: with fewer than 100 samples, p99 is the largest one."""
     ordered = sorted(samples)
     rank = max(1, -(-len(ordered) * pct // 100))  # ceil(n * pct / 100), at least 1
     return ordered[int(rank) - 1]
@@ -33,3 +33,23 @@ def percentile(samples: list[float], pct: float) -> float:
 def nonzero_bytes(size: int, seed: int = 1) -> bytes:
     """Random-looking bytes with no zero byte: no block of them is all zeros (zero detection)."""
     return random.Random(seed).randbytes(size).translate(bytes([1]) + bytes(range(1, 256)))
+
+
+def load_bench():
+    """tools/bench as a module, for other tools that reuse its fio runner, workloads and mounts.
+
+    tools/bench is a script (no .py), so it is loaded from its path; its ``main`` does not run.
+    """
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    if "bench" in sys.modules:
+        return sys.modules["bench"]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench")
+    loader = importlib.machinery.SourceFileLoader("bench", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bench", loader))
+    sys.modules["bench"] = module
+    loader.exec_module(module)
+    return module
