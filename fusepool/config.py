@@ -16,10 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from fusepool.errors import NotAPool, PoolBusy
-
-DATA, METADATA, CONFIG, LOCK, SOCKET, LOG = (
-    "data", "metadata", "pool.json", "lock", "control.sock", "fusepool.log")
-JOURNAL = "journal"  # the sync journal (fusepool/metadata/journal.py)
+from fusepool.layout import CONFIG, DATA, JOURNAL, LOCK, LOG, METADATA, SOCKET  # noqa: F401
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 import socket
 
 from fusepool import errors
-from fusepool.config import SOCKET
+from fusepool.layout import SOCKET
 
 MAX_MESSAGE = 64 << 20
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths go through /proc
