@@ -68,12 +68,49 @@ def cmd_init(a) -> None:
     from fusepool.pool import Pool
 
     block_size = parse_size(a.block_size)
-    Pool.create(a.pool, data_size=parse_size(a.data_size), metadata_size=parse_size(a.metadata_size),
-                block_size=block_size, base_size=parse_size(a.base_size),
-                min_free_space=parse_percent(a.min_free_space),
-                skip_block_zeroing=a.skip_block_zeroing, no_space_timeout=a.no_space_timeout)
-    print(f"created pool {os.path.abspath(a.pool)} (block size {human_size(block_size)}, "
-          f"data {human_size(parse_size(a.data_size))})")
+    data_size = Pool.create(
+        a.pool, data_size=parse_size(a.data_size) if a.data_size is not None else None,
+        metadata_size=parse_size(a.metadata_size), block_size=block_size,
+        base_size=parse_size(a.base_size), min_free_space=parse_percent(a.min_free_space),
+        skip_block_zeroing=a.skip_block_zeroing, no_space_timeout=a.no_space_timeout,
+        mode=a.mode, data_device=a.data_device, preallocate=a.preallocate, force=a.force,
+        **space_settings(a))
+    config = require_pool(a.pool)
+    where = (f"on {config.data_device}" if config.data_device else
+             "preallocated" if config.preallocated else "sparse")
+    print(f"created pool {os.path.abspath(a.pool)} ({config.mode} mode, block size "
+          f"{human_size(block_size)}, data {human_size(data_size)} {where})")
+
+
+def space_settings(a) -> dict:
+    """The autoextend/low-water options given (init and set share them)."""
+    given = {"autoextend_threshold": a.autoextend_threshold, "autoextend_percent": a.autoextend_percent,
+             "max_data_size": parse_size(a.max_data_size) if a.max_data_size is not None else None,
+             "low_water_mark": a.low_water_mark, "on_low_water": a.on_low_water}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def cmd_set(a) -> None:
+    settings = space_settings(a)
+    if not settings:
+        raise UsageError("nothing to set: give --autoextend-threshold, --autoextend-percent, "
+                         "--max-data-size, --low-water-mark and/or --on-low-water")
+    st = pool_call(a.pool, "set", settings)
+    print(f"autoextend: {describe_autoextend(st)}; low-water mark: {describe_low_water(st)}")
+
+
+def describe_autoextend(st: dict) -> str:
+    if st.get("autoextend_threshold", 100) >= 100:
+        return "off"
+    text = f"at {st['autoextend_threshold']:g}% used, grow by {st['autoextend_percent']:g}%"
+    return text + (f", up to {human_size(st['max_data_size'])}" if st.get("max_data_size") else "")
+
+
+def describe_low_water(st: dict) -> str:
+    if not st.get("low_water_mark"):
+        return "off"
+    hook = st.get("on_low_water")
+    return f"{st['low_water_mark']} blocks" + (f", runs {hook}" if hook else "")
 
 
 def cmd_mount(a) -> None:
@@ -269,7 +306,9 @@ def format_info(st: dict) -> str:
         ("Deferred Deletion Enabled", "true"),
         ("Deferred Deleted Device Count", str(st["deferred_deleted_device_count"])),
         ("Library Version", st["library_version"]),
-        ("Storage Mode", st["mode"]),
+        ("Mode", st["mode"]),
+        ("Autoextend", describe_autoextend(st)),
+        ("Low Water Mark", describe_low_water(st)),
         ("No Space Policy", f"queue ({st['no_space_timeout']:g} s)" if st.get("no_space_timeout")
          else "error"),
         ("Volumes", str(st["volume_count"])),
@@ -512,8 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("init", cmd_init, "create a new pool directory")
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.epilog = INIT_EPILOG
     sp.add_argument("pool", metavar="POOL")
-    sp.add_argument("--data-size", default="100G", metavar="SIZE", help="data space (default 100G)")
+    sp.add_argument("--data-size", metavar="SIZE",
+                    help="data space (default 100G; with --data-device: the whole device)")
     sp.add_argument("--metadata-size", default="2G", metavar="SIZE", help="metadata space (default 2G)")
     sp.add_argument("--block-size", default="64K", metavar="SIZE",
                     help="pool block size: a multiple of 64K up to 1G (default 64K)")
@@ -526,6 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-space-timeout", type=non_negative_float, default=0.0, metavar="SECONDS",
                     help="out of data space: let allocating writes wait this long for space "
                     "before failing with ENOSPC (dm-thin's queue mode; default 0: fail at once)")
+    sp.add_argument("--mode", choices=["loop", "direct"],
+                    help="loop: sparse data file (default); direct: block device or preallocated "
+                    "file, O_DIRECT")
+    sp.add_argument("--data-device", metavar="PATH",
+                    help="direct mode on this block device (the pool directory keeps the metadata)")
+    sp.add_argument("--preallocate", action="store_true",
+                    help="direct mode on POOL/data, allocated in full now")
+    sp.add_argument("--force", action="store_true",
+                    help="use a --data-device that holds a filesystem or partition table")
+    add_space_options(sp)
 
     sp = add("mount", cmd_mount, "mount a pool: each volume becomes MOUNTPOINT/NAME")
     sp.add_argument("pool", metavar="POOL")
@@ -629,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("repair", cmd_repair, "rebuild the metadata from its newest intact commit")
     sp.add_argument("pool", metavar="POOL")
 
+    sp = add("set", cmd_set, "change a pool's autoextend and low-water settings (mounted or not)")
+    sp.add_argument("pool", metavar="POOL")
+    add_space_options(sp, changing=True)
+
     sp = add("extend", cmd_extend, "grow the pool's data and/or metadata space")
     sp.add_argument("pool", metavar="POOL")
     sp.add_argument("--data-size", metavar="SIZE")
@@ -636,30 +692,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+INIT_EPILOG = """\
+storage modes:
+  loop (default)  data in a sparse file POOL/data: space is promised, not reserved,
+                  so the host filesystem can fill up before the pool does ("Data
+                  Space Available" is capped by it); freed blocks are given back
+                  to the host; data goes through the host page cache.
+  direct          data on a block device (--data-device /dev/...; refused if it is
+                  in use, or holds a filesystem unless --force; --data-size may
+                  take less than the whole device) or in a file allocated in full
+                  at init (--preallocate; refused if the host lacks the space).
+                  O_DIRECT I/O: no host page cache; space reserved up front.
+
+autoextend (loop mode, LVM's thin_pool_autoextend_threshold/_percent):
+  --autoextend-threshold 80 --autoextend-percent 20 grows the data space by 20%
+  whenever 80% of it is in use, up to --max-data-size (default: no limit but
+  the host's free space).  `fusepool set POOL ...` changes these later.
+
+low water (dm-thin's low_water_mark, what dmeventd acts on):
+  --low-water-mark BLOCKS logs when free data blocks drop below BLOCKS, and
+  --on-low-water CMD runs CMD (with /bin/sh) once per crossing, without
+  blocking I/O.  CMD sees FUSEPOOL_POOL, FUSEPOOL_FREE_BLOCKS,
+  FUSEPOOL_USED_BLOCKS, FUSEPOOL_TOTAL_BLOCKS, FUSEPOOL_BLOCK_SIZE and
+  FUSEPOOL_LOW_WATER_MARK; e.g. --on-low-water 'fusepool extend "$FUSEPOOL_POOL"
+  --data-size 200G'.
+"""
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+def add_space_options(sp, changing: bool = False) -> None:
+    """The autoextend and low-water options of init and set."""
+    sp.add_argument("--autoextend-threshold", metavar="PERCENT",
+                    help="grow the data space when this much of it is in use (1-100; 100 = off"
+                    + ("" if changing else ", the default") + "; loop mode only)")
+    sp.add_argument("--autoextend-percent", metavar="PERCENT",
+                    help="grow by this percent of the current data size"
+                    + ("" if changing else " (default 20)"))
+    sp.add_argument("--max-data-size", metavar="SIZE",
+                    help="never autoextend past this size" + (" (0: no limit)" if changing else ""))
+    sp.add_argument("--low-water-mark", type=non_negative_int, metavar="BLOCKS",
+                    help="free data blocks below which the low-water event fires (0 = off)")
+    sp.add_argument("--on-low-water", metavar="CMD",
+                    help="shell command run once per low-water crossing"
+                    + (" ('' removes it)" if changing else ""))
+
+
+def _checked_number(convert, kind: str, ok, rule: str):
+    """An argparse type: ``convert`` the text, then require ``ok(value)`` (else say ``rule``)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}: {text!r}")
+        return value
+
+    return parse
+
+
+positive_float = _checked_number(float, "a number", lambda v: v > 0, "must be positive")
+non_negative_float = _checked_number(float, "a number", lambda v: v >= 0, "must not be negative")
+non_negative_int = _checked_number(int, "a whole number", lambda v: v >= 0, "must not be negative")
 
 
 # Commands that usually just talk to a running daemon; logging is set up for them only
 # when they fall back to opening the pool themselves (see pool_call).
 LIGHT_COMMANDS = {"create", "snapshot", "remove", "resize", "list", "info", "inspect", "map",
-                  "discard", "extend", "umount"}
+                  "discard", "extend", "set", "umount"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,11 @@ def _extend(pool, data_size=None, metadata_size=None):
     return pool.stats()
 
 
+def _set(pool, **settings):
+    pool.configure(**settings)
+    return pool.stats()
+
+
 def _dump(pool):
     from fusepool.interop.thin_xml import dump, write_xml
 
@@ -117,5 +122,5 @@ def _delta(pool, left, right):
 COMMANDS = {
     "create": _create, "snapshot": _snapshot, "remove": _remove, "resize": _resize,
     "list": _list, "info": _info, "inspect": _inspect, "map": _map, "discard": _discard,
-    "extend": _extend, "dump": _dump, "thin_ls": _thin_ls, "delta": _delta,
+    "extend": _extend, "set": _set, "dump": _dump, "thin_ls": _thin_ls, "delta": _delta,
 }

@@ -2,7 +2,8 @@
 
 Layout (Docker's loop-lvm names where it costs nothing)::
 
-    POOL/data           the data image (block N at N * block_size)
+    POOL/data           the data image (block N at N * block_size); absent when the
+                        data lives on a block device (direct mode, ``data_device``)
     POOL/metadata       the metadata file (see fusepool.metadata.format)
     POOL/pool.json      settings fixed at init or changed by commands
     POOL/lock           flock()ed by whoever has the pool open (daemon or command)
@@ -31,8 +32,22 @@ class PoolConfig:
     # Out of data space: 0 fails allocating writes at once (dm-thin's error_if_no_space);
     # N > 0 makes them wait up to N seconds for space (dm-thin's queue mode, 60 s there).
     no_space_timeout: float = 0.0
+    # loop: a sparse data file, buffered I/O, freed blocks punched out (space promised);
+    # direct: a block device or a preallocated file, O_DIRECT (space reserved up front).
     mode: str = "loop"
     version: int = 1
+    data_device: str | None = None  # direct mode on a block device: its path (no POOL/data)
+    preallocated: bool = False  # direct mode on POOL/data: the whole data size fallocated
+    # LVM's thin_pool_autoextend_threshold/_percent (loop mode only): when data use reaches
+    # the threshold (percent; 100 = off, as in LVM) the data grows by percent of its size,
+    # never past max_data_size (bytes; 0 = only the host's free space limits it).
+    autoextend_threshold: float = 100.0
+    autoextend_percent: float = 20.0
+    max_data_size: int = 0
+    # dm-thin's low_water_mark (free data blocks; 0 = off): falling below it is logged and
+    # runs on_low_water (a shell command) once per crossing, as dmeventd would be told.
+    low_water_mark: int = 0
+    on_low_water: str | None = None
 
     @classmethod
     def load(cls, pool_dir: str) -> "PoolConfig":

@@ -166,7 +166,7 @@ class FusepoolOperations(pyfuse3.Operations):
         out.f_bsize = out.f_frsize = bs
         out.f_blocks = st["data_blocks_total"]
         out.f_bfree = st["data_blocks_free"]
-        out.f_bavail = min(st["data_blocks_free"], st["host_free_bytes"] // bs)
+        out.f_bavail = st["data_blocks_available"]  # loop mode: capped by the host's free space
         out.f_files = MAX_DEV_ID
         out.f_ffree = out.f_favail = MAX_DEV_ID - len(self.pool.devices)
         out.f_namemax = 255

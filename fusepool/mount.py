@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from fusepool import commands
+from fusepool.autoextend import run_hook
 from fusepool.config import SOCKET
 from fusepool.control import error_reply, socket_path
 from fusepool.errors import PoolBusy, PoolError, UsageError
@@ -108,6 +109,9 @@ class Daemon:
     async def run(self, on_ready) -> None:
         async with trio.open_nursery() as nursery:
             self.cancel_scope = nursery.cancel_scope
+            # Low-water hooks run as tasks here: never on the path serving FUSE, and free
+            # to call back into this daemon (`fusepool extend POOL`).
+            self.pool.on_low_water = lambda command, env: nursery.start_soon(run_hook, command, env)
             await nursery.start(self._serve_control)
             nursery.start_soon(self._commit_timer)
             nursery.start_soon(self._signals)

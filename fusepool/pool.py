@@ -22,6 +22,7 @@ Semantics (see docs/design.md for the full contract):
   whose mapping time is older than a device's ``snap_time`` may be shared.
 """
 
+import dataclasses
 import errno
 import logging
 import os
@@ -30,9 +31,9 @@ import uuid as uuidlib
 from array import array
 from dataclasses import dataclass, field
 
-from fusepool import __version__
+from fusepool import __version__, autoextend
 from fusepool.config import DATA, JOURNAL, METADATA, PoolConfig, PoolLock
-from fusepool.datastore import DataStore
+from fusepool.datastore import DataStore, DirectDataStore, check_data_device
 from fusepool.errors import (
     BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
     PoolError, PoolFull, ReadOnlyPool, UsageError, VolumeExists,
@@ -119,12 +120,46 @@ class Pool:
     # --- lifecycle -------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str, data_size: int = 100 << 30, metadata_size: int = 2 << 30,
+    def create(cls, path: str, data_size: int | None = None, metadata_size: int = 2 << 30,
                block_size: int = 64 << 10, base_size: int = 10 << 30,
                min_free_space: float = 10.0, skip_block_zeroing: bool = False,
-               no_space_timeout: float = 0.0) -> None:
-        """Make a new pool directory (or fill an empty existing one)."""
+               no_space_timeout: float = 0.0, mode: str | None = None,
+               data_device: str | None = None, preallocate: bool = False, force: bool = False,
+               autoextend_threshold: float = autoextend.OFF, autoextend_percent: float = 20.0,
+               max_data_size: int = 0, low_water_mark: int = 0,
+               on_low_water: str | None = None) -> int:
+        """Make a new pool directory (or fill an empty existing one); returns its data size.
+
+        ``mode`` is "loop" (a sparse data file; the default) or "direct" (a
+        block device given as ``data_device``, or a data file preallocated in
+        full; ``data_device`` or ``preallocate`` imply it).  ``data_size``
+        defaults to 100 GiB, or to the whole device; it may be smaller than the
+        device.  Everything is validated before anything is created, and a
+        failure leaves nothing behind (not even the directory, if made here).
+        """
         validate_block_size(block_size)
+        if data_device and preallocate:
+            raise UsageError("--data-device and --preallocate exclude each other: the data lives "
+                             "either on a block device or in a preallocated file")
+        if mode is None:
+            mode = "direct" if data_device or preallocate else "loop"
+        if mode not in ("loop", "direct"):
+            raise UsageError(f"invalid mode {mode!r}: use loop or direct")
+        if mode == "loop" and (data_device or preallocate):
+            raise UsageError("loop mode keeps its data in a sparse file: --data-device and "
+                             "--preallocate need --mode direct")
+        if mode == "direct" and not data_device:
+            preallocate = True  # direct mode on a file: the whole file is allocated up front
+        if data_device:
+            data_device = os.path.abspath(data_device)
+            device_size = check_data_device(data_device, force)
+            if data_size is None:
+                data_size = device_size
+            elif data_size > device_size:
+                raise UsageError(f"data size {bytes_size(data_size)} is larger than the data device "
+                                 f"{data_device} ({bytes_size(device_size)})")
+        elif data_size is None:
+            data_size = 100 << 30
         nr_blocks = data_size // block_size
         if nr_blocks < 1:
             raise UsageError(f"data size {data_size} is smaller than one block ({block_size})")
@@ -139,31 +174,50 @@ class Pool:
                              f"{nr_blocks} data blocks: use at least {bytes_size(needed * PAGE_SIZE)}")
         if metadata_size > MAX_METADATA_SIZE:
             raise UsageError(f"metadata size is limited to {bytes_size(MAX_METADATA_SIZE)}")
+        autoextend_threshold = autoextend.parse_threshold(autoextend_threshold)
+        autoextend_percent = autoextend.parse_grow_percent(autoextend_percent)
+        autoextend.validate(mode, nr_blocks, block_size, autoextend_threshold, autoextend_percent,
+                            max_data_size, low_water_mark, on_low_water)
         if os.path.exists(path):
             if not os.path.isdir(path):
                 raise UsageError(f"{path} exists and is not a directory")
             if os.listdir(path):
                 raise VolumeExists(f"{path} is not empty: refusing to create a pool there")
+            made_dir = False
+        else:
+            made_dir = True
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
             raise PoolError(f"cannot create {path}: {exc.strerror}") from None
         uuid = str(uuidlib.uuid4())
         try:
-            DataStore.create(os.path.join(path, DATA), nr_blocks * block_size)
+            if preallocate:
+                DirectDataStore.create_preallocated(os.path.join(path, DATA), nr_blocks * block_size)
+            elif not data_device:
+                DataStore.create(os.path.join(path, DATA), nr_blocks * block_size)
             sb = Superblock(uuid, 0, 0, block_size, nr_blocks, nr_pages,
                             root_len=0, root_checksum=0, root_pages=[])
             MetadataStore.create(os.path.join(path, METADATA), sb, nr_blocks)
             Journal.create(os.path.join(path, JOURNAL))
             PoolConfig(uuid, block_size, base_size, min_free_space, skip_block_zeroing,
-                       no_space_timeout).save(path)
+                       no_space_timeout, mode, data_device=data_device, preallocated=preallocate,
+                       autoextend_threshold=autoextend_threshold,
+                       autoextend_percent=autoextend_percent, max_data_size=max_data_size,
+                       low_water_mark=low_water_mark, on_low_water=on_low_water or None).save(path)
         except BaseException:
-            for name in (DATA, METADATA, JOURNAL, "pool.json"):
+            for name in (DATA, METADATA, JOURNAL, "pool.json", "pool.json.tmp"):
                 try:
                     os.unlink(os.path.join(path, name))
                 except FileNotFoundError:
                     pass
+            if made_dir:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
             raise
+        return nr_blocks * block_size
 
     @classmethod
     def open(cls, path: str, readonly: bool = False) -> "Pool":
@@ -211,7 +265,11 @@ class Pool:
             self.store.close()
             raise Corrupt(f"pool metadata is damaged (device table: {exc!r}); run `fusepool check "
                           f"{path}` and `fusepool repair {path}`") from None
-        self.data = DataStore(os.path.join(path, DATA), self.block_size, readonly)
+        try:
+            self.data = DataStore.open(path, config, readonly)
+        except BaseException:
+            self.store.close()
+            raise
         self.dirty = False  # metadata changed since the last commit
         self.data_dirty = False  # data written since the last flush
         self.commits = 0
@@ -229,6 +287,14 @@ class Pool:
             self.data.close()
             self.store.close()
             raise
+        # Autoextend and the low-water event (see _space_low): write() compares the free
+        # block count with space_watch, and only below it does anything more.
+        self.on_low_water = None  # how to start the hook: (command, env) -> None; None: detached
+        self.low_water_armed = True
+        self.autoextend_pending = False  # grown in the middle of a write, not committed yet
+        self.autoextend_stuck_at = 0  # data size (blocks) at which growing was last refused
+        self.space_watch = 0
+        self._arm_space_watch()
         if sb.flags & FLAG_NEEDS_CHECK:
             log.warning("pool %s is flagged needs-check: run `fusepool check`", path)
         if not readonly:
@@ -294,6 +360,8 @@ class Pool:
         self.unsynced = {}
         self.structure_changed = False
         freed = self.space.committed()
+        if freed:
+            self._arm_space_watch()  # free space came back: the low-water event re-arms
         try:
             self.data.punch(freed)
         except OSError as exc:  # space stays allocated on the host: harmless
@@ -782,7 +850,7 @@ class Pool:
                 try:
                     if not remap and not allocated:
                         self._ensure_metadata_room()
-                    new = self.space.allocate()
+                    new = self.space.allocate() if self.space.free else self._allocate_grown()
                 except (PoolFull, MetadataFull):
                     if not written:
                         self._undo_allocations(allocated)
@@ -819,6 +887,8 @@ class Pool:
         if remap:
             self._remap(dev, remap)
         dev.mtime = wallclock.time()
+        if self.space.free < self.space_watch:  # the one space check per write: see _space_low
+            self._space_low()
         return written
 
     def _undo_allocations(self, blocks: list[int]) -> None:
@@ -920,6 +990,8 @@ class Pool:
         if self.failed is not None and not (meta_pages > self.store.superblock.nr_meta_pages
                                             and "metadata" in self.failed):
             self._check_writable()
+        if nr_blocks > self.nr_blocks:  # the data first: a device too small or a host too
+            self.data.grow(nr_blocks * self.block_size)  # full for a preallocated file stop here
         if meta_pages > self.store.superblock.nr_meta_pages:
             self.store.grow(meta_pages)
             self.dirty = self.structure_changed = True
@@ -927,10 +999,146 @@ class Pool:
                 log.info("metadata extended: pool %s is writable again", self.path)
                 self.failed = None
         if nr_blocks > self.nr_blocks:
-            self.data.grow(nr_blocks * self.block_size)
-            self.space.grow(nr_blocks)
-            self.dirty = self.structure_changed = True
+            self._grow_data(nr_blocks)
         self.commit()
+        self.autoextend_stuck_at = 0
+        self._arm_space_watch()
+
+    def _grow_data(self, nr_blocks: int) -> None:
+        """More data blocks (in memory until the next commit)."""
+        self.data.grow(nr_blocks * self.block_size)
+        self.space.grow(nr_blocks)
+        self.dirty = self.structure_changed = True  # a journal record cannot carry it
+
+    # --- autoextend and the low-water event ----------------------------------------------
+
+    def configure(self, **settings) -> None:
+        """Change autoextend/low-water settings (``fusepool set``): validated, then saved.
+
+        Keys: autoextend_threshold, autoextend_percent, max_data_size,
+        low_water_mark, on_low_water (an empty command removes the hook).
+        """
+        known = ("autoextend_threshold", "autoextend_percent", "max_data_size", "low_water_mark",
+                 "on_low_water")
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise UsageError(f"unknown setting(s): {', '.join(unknown)}")
+        if self.readonly:
+            raise ReadOnlyPool("the pool is open read-only")
+        values = {k: getattr(self.config, k) for k in known} | settings
+        values["autoextend_threshold"] = autoextend.parse_threshold(values["autoextend_threshold"])
+        values["autoextend_percent"] = autoextend.parse_grow_percent(values["autoextend_percent"])
+        values["on_low_water"] = values["on_low_water"] or None
+        # (A maximum kept from before is not checked again: `extend` may have passed it.)
+        autoextend.validate(self.config.mode, self.nr_blocks, self.block_size,
+                            **values | ({} if "max_data_size" in settings else {"max_data_size": 0}))
+        config = dataclasses.replace(self.config, **values)
+        config.save(self.path)
+        self.config = config
+        self.autoextend_stuck_at = 0
+        self._arm_space_watch()
+        if self.space.free < self.space_watch:  # already past a new threshold: act now
+            self._space_low()
+
+    def _autoextend_on(self) -> bool:
+        c = self.config
+        return (c.mode == "loop" and c.autoextend_threshold < autoextend.OFF and not self.readonly
+                and (not c.max_data_size or self.nr_blocks < c.max_data_size // self.block_size))
+
+    def _arm_space_watch(self) -> None:
+        """Set ``space_watch``: below this many free blocks, write() calls :meth:`_space_low`."""
+        watch = 0
+        if self._autoextend_on():
+            # used >= trigger is only possible once free <= nr_blocks - trigger
+            watch = self.nr_blocks - autoextend.trigger_blocks(
+                self.nr_blocks, self.config.autoextend_threshold) + 1
+        mark = self.config.low_water_mark
+        if mark:
+            if self.space.free >= mark:
+                self.low_water_armed = True
+            if self.low_water_armed:
+                watch = max(watch, mark)
+        self.space_watch = watch
+
+    def _space_low(self) -> None:
+        """After a write left few free blocks: autoextend, then maybe the low-water event.
+
+        Runs between requests with everything applied, so the commit that
+        makes a growth durable is a consistent one.  Nothing here fails the
+        write that got us here.
+        """
+        if self._autoextend() or self.autoextend_pending:
+            self.autoextend_pending = False
+            self._commit_quietly()  # durable at once, as `fusepool extend` is
+        mark = self.config.low_water_mark
+        free = self.space.free
+        if mark and free < mark and self.low_water_armed:
+            self.low_water_armed = False
+            self._low_water_event(free)
+        self._arm_space_watch()
+
+    def _allocate_grown(self) -> int:
+        """No free block in the middle of a write: grow first if autoextend may, then allocate.
+
+        The growth is committed at the end of the write (see _space_low),
+        when the mappings it serves are in place.
+        """
+        if self._autoextend():
+            self.autoextend_pending = True
+            self.space_watch = self.nr_blocks + 1  # makes this write end in _space_low
+        return self.space.allocate()
+
+    def _autoextend(self) -> bool:
+        """Grow the data space if use reached the threshold; True if it grew."""
+        from fusepool.metadata.format import COUNTS_PER_PAGE
+
+        if not self._autoextend_on():
+            return False
+        c = self.config
+        nr, used = self.nr_blocks, self.space.used
+        if used < autoextend.trigger_blocks(nr, c.autoextend_threshold):
+            return False
+        limit = (1 << (64 - TIME_BITS)) - 1
+        if c.max_data_size:
+            limit = min(limit, c.max_data_size // self.block_size)
+        host_limit = nr + self.data.host_free_bytes() // self.block_size
+        # Growing writes the new space-map pages at the next commit: keep that commit possible.
+        meta_free = (self.store.free_pages - self.tree.dirtied - len(self.space.dirty_pages)
+                     - 2 * METADATA_RESERVE_PAGES)
+        meta_limit = nr + max(0, meta_free) * COUNTS_PER_PAGE
+        meta_limit = min(meta_limit, max_blocks_for_metadata(self.store.superblock.nr_meta_pages))
+        cap = min(limit, host_limit, meta_limit)
+        target = autoextend.target_blocks(nr, used, c.autoextend_threshold, c.autoextend_percent, cap)
+        if target <= nr:
+            if self.autoextend_stuck_at != nr:  # (said once per size, not at every write)
+                self.autoextend_stuck_at = nr
+                why = ("its maximum data size" if cap == limit else
+                       "the free space of the host filesystem" if cap == host_limit else
+                       "its metadata space (extend it with --metadata-size)")
+                log.warning("pool %s is %d%% full and cannot autoextend: limited by %s",
+                            self.path, 100 * used // nr, why)
+            return False
+        try:
+            self._grow_data(target)
+        except (OSError, PoolError) as exc:
+            log.error("autoextend of pool %s failed: %s", self.path, exc)
+            return False
+        log.info("autoextend: pool %s data space %s -> %s (%d of %d blocks were in use)", self.path,
+                 bytes_size(nr * self.block_size), bytes_size(target * self.block_size), used, nr)
+        if target == limit and c.max_data_size:
+            log.warning("pool %s reached its maximum data size (%s): it will not autoextend again",
+                        self.path, bytes_size(target * self.block_size))
+        return True
+
+    def _low_water_event(self, free: int) -> None:
+        c = self.config
+        log.warning("pool %s: %d free data blocks, below the low-water mark of %d%s", self.path, free,
+                    c.low_water_mark, "; running its hook" if c.on_low_water else "")
+        if not c.on_low_water:
+            return
+        env = autoextend.hook_environment(self.path, free, self.nr_blocks, self.space.used,
+                                          self.block_size, c.low_water_mark)
+        (self.on_low_water or autoextend.spawn_hook)(c.on_low_water, env)
 
     # --- statistics ----------------------------------------------------------------------
 
@@ -981,10 +1189,25 @@ class Pool:
         bs = self.block_size
         data_total = self.nr_blocks * bs
         data_used = self.space.used * bs
-        host_free = self.data.host_free_bytes()
+        direct = self.config.mode == "direct"
+        # Docker's devicemapper rule (deviceset.go Status): available = total - used, capped
+        # by the host filesystem's free space (statfs Bfree * Bsize) when the data or
+        # metadata is a regular (sparse) file.  A direct-mode data file is regular too, but
+        # fully allocated: like a block device, nothing on the host can take its space.
+        data_available = data_total - data_used
+        pool_dir_fs = os.statvfs(self.path)
+        if direct:
+            host_free = pool_dir_fs.f_bavail * pool_dir_fs.f_frsize
+            blocks_available = self.space.free
+        else:
+            host_free = self.data.host_free_bytes()
+            data_available = min(data_available, self.data.host_bfree_bytes())
+            blocks_available = min(self.space.free, host_free // bs)
         meta = self.store.superblock.nr_meta_pages * PAGE_SIZE
         meta_used = self.store.used_pages * PAGE_SIZE
+        meta_available = min(meta - meta_used, pool_dir_fs.f_bfree * pool_dir_fs.f_bsize)
         deferred = sum(1 for d in self.devices.values() if d.deleted)
+        c = self.config
         return {
             "pool_name": os.path.basename(self.path.rstrip("/")) or self.path,
             "pool_dir": self.path,
@@ -992,15 +1215,17 @@ class Pool:
             "block_size": bs,
             "base_size": self.config.base_size,
             "backing_filesystem": host_filesystem(self.path),
-            "data_file": os.path.join(self.path, DATA),
+            "data_file": c.data_device or os.path.join(self.path, DATA),
+            "data_device": c.data_device,
+            "preallocated": c.preallocated,
             "metadata_file": os.path.join(self.path, METADATA),
             "data_space_used": data_used,
             "data_space_total": data_total,
             # Loop mode promises space it has not reserved: the host caps it (as Docker reports).
-            "data_space_available": max(0, min(data_total - data_used, host_free)),
+            "data_space_available": max(0, data_available),
             "metadata_space_used": meta_used,
             "metadata_space_total": meta,
-            "metadata_space_available": max(0, min(meta - meta_used, host_free)),
+            "metadata_space_available": max(0, meta_available),
             "min_free_space": int(data_total * self.config.min_free_space / 100),
             "min_free_space_percent": self.config.min_free_space,
             "skip_block_zeroing": self.config.skip_block_zeroing,
@@ -1010,6 +1235,12 @@ class Pool:
             "data_blocks_total": self.nr_blocks,
             "data_blocks_used": self.space.used,
             "data_blocks_free": self.space.free,
+            "data_blocks_available": blocks_available,  # what df shows: capped by the host in loop mode
+            "autoextend_threshold": c.autoextend_threshold,
+            "autoextend_percent": c.autoextend_percent,
+            "max_data_size": c.max_data_size,
+            "low_water_mark": c.low_water_mark,
+            "on_low_water": c.on_low_water,
             "host_free_bytes": host_free,
             "host_allocated_bytes": self.data.allocated_bytes(),
             "transaction_id": self.transaction_id,
@@ -1032,6 +1263,13 @@ class Pool:
         if usage:
             out["exclusive_blocks"], out["shared_blocks"] = self.device_usage(dev)
         return out
+
+
+def max_blocks_for_metadata(nr_pages: int) -> int:
+    """The most data blocks ``nr_pages`` of metadata can serve (min_metadata_pages inverted)."""
+    from fusepool.metadata.format import COUNTS_PER_PAGE
+
+    return max(0, (nr_pages - 2 * METADATA_RESERVE_PAGES) // 2 * COUNTS_PER_PAGE)
 
 
 def min_metadata_pages(nr_blocks: int) -> int:
