@@ -128,6 +128,18 @@ class DataStore:
             if block is not None:
                 start = prev = block
 
+    def is_hole(self, block: int) -> bool:
+        """Whether a block is unwritten in the image, so that it reads as zeros.
+
+        A hole needs no zeroing before a partial write: fresh blocks of a sparse
+        image, and freed ones once punched.  Anything uncertain counts as data.
+        """
+        start = block * self.block_size
+        try:
+            return os.lseek(self.fd, start, os.SEEK_DATA) >= start + self.block_size
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # no data from here to the end
+
     def host_free_bytes(self) -> int:
         """Free space an unprivileged writer can use on the image's filesystem."""
         st = os.fstatvfs(self.fd)

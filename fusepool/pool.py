@@ -837,15 +837,16 @@ class Pool:
                 if zero and hi == bs:  # zeros ending a block: it may be all zeros now
                     maybe_zero.append((vb, block))
                 buf = False
+            elif whole:  # shared, and all of it rewritten: nothing to copy
+                buf = piece
             else:  # shared: copy the block, unless the copy would be all zeros
-                buf = piece if whole else bytearray(self.data.read(block, 0, bs))
-                if not whole:
-                    buf[lo:hi] = piece
-                    if zero and buf == self.zero_block:
-                        if not remap and not allocated:
-                            self._ensure_metadata_room()
-                        remap.append((vb, UNMAPPED))
-                        buf = False
+                buf = bytearray(self.data.read(block, 0, bs))
+                buf[lo:hi] = piece
+                if zero and buf == self.zero_block:
+                    if not remap and not allocated:
+                        self._ensure_metadata_room()
+                    remap.append((vb, UNMAPPED))
+                    buf = False
             if buf is not False:
                 try:
                     if not remap and not allocated:
@@ -859,11 +860,11 @@ class Pool:
                 allocated.append(new)
                 if buf is not None:
                     io.append((new * bs, buf))
-                elif zeroing:
+                elif zeroing and not self.data.is_hole(new):
                     buf = bytearray(bs)
                     buf[lo:hi] = piece
                     io.append((new * bs, buf))
-                else:  # skip_block_zeroing: the rest of the block keeps stale bytes
+                else:  # a hole (never written, or punched) reads as zeros; or skip_block_zeroing
                     io.append((new * bs + lo, piece))
                 remap.append((vb, new))
             written += hi - lo

@@ -754,6 +754,31 @@ def test_partial_write_to_new_block_reads_zeros(tmp_path):
         check_invariants(pool)
 
 
+def test_partial_write_to_a_hole_writes_only_the_piece(tmp_path):
+    """A fresh or punched block reads as zeros already: no 64 KiB of zeros is written."""
+    path = new_pool(tmp_path, data_size=16 * BS, metadata_size=1 * MiB)
+    with Pool.open(path) as pool:
+        v = pool.create_volume("v", 4 * BS)
+        before = pool.data.allocated_bytes()
+        pool.write(v.dev_id, BS + 4096, b"x" * 4096)
+        assert pool.data.allocated_bytes() - before <= 2 * 4096  # (a page or two, not a block)
+        pool.write(v.dev_id, 2 * BS, pattern(3, BS))
+        pool.discard(v.dev_id, 2 * BS, BS)
+        pool.commit()  # the freed block is punched: a hole again
+        block = pool.space.busy.find(0)
+        assert pool.data.is_hole(block)
+        pool.space.cursor = block  # the next allocation takes it
+        before = pool.data.allocated_bytes()
+        pool.write(v.dev_id, 3 * BS + 10, b"again")
+        assert pool.data.allocated_bytes() - before <= 2 * 4096
+        assert mapping_of(pool, v)[3] == block
+        expect = bytearray(4 * BS)
+        expect[BS + 4096 : BS + 8192] = b"x" * 4096
+        expect[3 * BS + 10 : 3 * BS + 15] = b"again"
+        assert pool.read(v.dev_id, 0, 4 * BS) == bytes(expect)
+        check_invariants(pool)
+
+
 def test_skip_block_zeroing_may_show_stale_bytes(tmp_path):
     """Documents dm-thin's skip_block_zeroing: only the written bytes are guaranteed.
 
