@@ -130,6 +130,7 @@ def cmd_mount(a) -> None:
     cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if a.debug else []) + [
         "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
         "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else []) + (
+        ["--writeback-cache"] if a.writeback_cache else []) + (
         ["--no-space-timeout", str(a.no_space_timeout)] if a.no_space_timeout is not None else [])
     log_path = os.path.join(pool_dir, "fusepool.log")
     with open(log_path, "ab") as log_file:
@@ -166,7 +167,7 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
 
     try:
         serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other,
-              no_space_timeout=a.no_space_timeout)
+              no_space_timeout=a.no_space_timeout, writeback_cache=a.writeback_cache)
     except PoolError as exc:
         if ready_file and not ready_file.closed:
             ready_file.write(f"error {exc.exit_status}: {exc}\n")
@@ -221,7 +222,37 @@ def cmd_create(a) -> None:
     print(f"created volume {dev['name']} (device id {dev['dev_id']}, {human_size(dev['size'])})")
 
 
+def mounted_volume(pool_dir: str, name: str) -> tuple[str | None, bool]:
+    """``(path of the volume in the mount, whether the kernel caches its writes)``."""
+    status = daemon_status(os.path.abspath(pool_dir))
+    if not status:
+        return None, False
+    path = os.path.join(status["mountpoint"], name)
+    if not os.path.isfile(path):
+        return None, False
+    return path, bool(status.get("writeback_cache"))
+
+
+def cached_volume(pool_dir: str, name: str) -> str | None:
+    """The volume's path in the mount when the kernel caches its writes (--writeback-cache)."""
+    path, cached = mounted_volume(pool_dir, name)
+    return path if cached else None
+
+
+def fsync_path(path: str) -> None:
+    # Commands that must see every write made so far (snapshot, discard) flush the
+    # kernel's cache first, as LVM suspends (flushes) an origin before snapshotting it.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def cmd_snapshot(a) -> None:
+    path = cached_volume(a.pool, a.origin)
+    if path is not None:
+        fsync_path(path)
     dev = pool_call(a.pool, "snapshot", {"origin": a.origin, "name": a.name})
     print(f"created snapshot {dev['name']} of {a.origin} (device id {dev['dev_id']})")
 
@@ -238,6 +269,19 @@ def cmd_resize(a) -> None:
     if text.startswith("-"):
         raise UsageError("volumes cannot shrink")
     size = parse_size(text.lstrip("+"))
+    path = cached_volume(a.pool, a.name)
+    if path is not None:  # the kernel owns the size of a cached volume: resize through it
+        current = os.stat(path).st_size
+        size = current + size if relative else size
+        if size < current:
+            raise UsageError(f"cannot shrink volume {a.name!r} from {current} to {size} bytes: "
+                             "volumes only grow")
+        try:
+            os.truncate(path, size)
+        except OSError as exc:
+            raise PoolError(f"cannot resize volume {a.name!r} to {size} bytes: {exc.strerror}") from None
+        print(f"volume {a.name} is now {size} bytes ({human_size(size)})")
+        return
     dev = pool_call(a.pool, "resize", {"name": a.name, "size": size, "relative": relative})
     print(f"volume {dev['name']} is now {dev['size']} bytes ({human_size(dev['size'])})")
 
@@ -335,8 +379,17 @@ def cmd_map(a) -> None:
 
 
 def cmd_discard(a) -> None:
+    path, cached = mounted_volume(a.pool, a.name)
+    if cached:
+        fsync_path(path)  # or a cached write would land after the discard
     res = pool_call(a.pool, "discard", {"name": a.name, "offset": parse_size(a.offset),
                                         "length": parse_size(a.length)})
+    if path is not None:  # pages the kernel still caches would show the old bytes
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     print(f"unmapped {res['unmapped_blocks']} block(s) of {a.name}")
 
 
@@ -588,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     sp.add_argument("--no-space-timeout", type=non_negative_float, metavar="SECONDS",
                     help="override the pool's out-of-space wait for this mount")
+    sp.add_argument("--writeback-cache", action="store_true",
+                    help="let the kernel cache writes (faster small writes; out-of-space errors "
+                         "then show at fsync or close: see docs/performance.md)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     sp = add("umount", cmd_umount, "commit, unmount and wait for the daemon to exit")

@@ -64,8 +64,12 @@ def fuse_errors(handler):
 
 
 class FusepoolOperations(pyfuse3.Operations):
-    def __init__(self, pool: Pool, no_space_timeout: float | None = None):
+    def __init__(self, pool: Pool, no_space_timeout: float | None = None,
+                 writeback_cache: bool = False):
         super().__init__()
+        # The kernel's writeback cache (mount --writeback-cache): writes return once in
+        # the kernel's page cache, which then owns each open volume's size.
+        self.enable_writeback_cache = writeback_cache
         self.pool = pool
         self.no_space_timeout = (pool.config.no_space_timeout if no_space_timeout is None
                                  else no_space_timeout)

@@ -99,11 +99,11 @@ def lazy_unmount(mountpoint: str) -> None:
 
 class Daemon:
     def __init__(self, pool: Pool, mountpoint: str, commit_period: float,
-                 no_space_timeout: float | None = None):
+                 no_space_timeout: float | None = None, writeback_cache: bool = False):
         self.pool = pool
         self.mountpoint = mountpoint
         self.commit_period = commit_period
-        self.ops = FusepoolOperations(pool, no_space_timeout)
+        self.ops = FusepoolOperations(pool, no_space_timeout, writeback_cache)
         self.cancel_scope: trio.CancelScope | None = None
 
     async def run(self, on_ready) -> None:
@@ -177,7 +177,8 @@ class Daemon:
 
     async def _dispatch(self, op: str, args: dict):
         if op == "status":
-            return {"pid": os.getpid(), "mountpoint": self.mountpoint, "pool": self.pool.path}
+            return {"pid": os.getpid(), "mountpoint": self.mountpoint, "pool": self.pool.path,
+                    "writeback_cache": self.ops.enable_writeback_cache}
         if op == "unmount":
             busy = sum(d.open_count for d in self.pool.devices.values())
             if busy and not args.get("force"):
@@ -204,13 +205,13 @@ class Daemon:
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,
           allow_other: bool = False, debug_fuse: bool = False,
-          no_space_timeout: float | None = None) -> None:
+          no_space_timeout: float | None = None, writeback_cache: bool = False) -> None:
     """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted."""
     mountpoint = os.path.abspath(mountpoint)
     pool = Pool.open(pool_dir)
     try:
         check_mountpoint(mountpoint)
-        daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout)
+        daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout, writeback_cache)
         options = set(pyfuse3.default_options) | {"fsname=fusepool", "subtype=fusepool"}
         if allow_other:
             options.add("allow_other")
