@@ -222,21 +222,21 @@ def cmd_create(a) -> None:
     print(f"created volume {dev['name']} (device id {dev['dev_id']}, {human_size(dev['size'])})")
 
 
-def mounted_volume(pool_dir: str, name: str) -> tuple[str | None, bool]:
+def mounted_volume(pool_dir: str, name: str, cached_only: bool = False) -> tuple[str | None, bool]:
     """``(path of the volume in the mount, whether the kernel caches its writes)``."""
     status = daemon_status(os.path.abspath(pool_dir))
-    if not status:
+    cached = bool(status and status.get("writeback_cache"))
+    if not status or (cached_only and not cached):
         return None, False
     path = os.path.join(status["mountpoint"], name)
     if not os.path.isfile(path):
         return None, False
-    return path, bool(status.get("writeback_cache"))
+    return path, cached
 
 
 def cached_volume(pool_dir: str, name: str) -> str | None:
     """The volume's path in the mount when the kernel caches its writes (--writeback-cache)."""
-    path, cached = mounted_volume(pool_dir, name)
-    return path if cached else None
+    return mounted_volume(pool_dir, name, cached_only=True)[0]
 
 
 def fsync_path(path: str) -> None:
