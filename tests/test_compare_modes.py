@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,32 @@ def test_smoke_report(tmp_path):
     check_report(out, res)
     check_pool_figures(res)
     assert res["fragmentation"]["direct"]["at_end"]  # a preallocated file has extents too
+
+
+def test_interrupt_unmounts_and_cleans_up(tmp_path):
+    """Ctrl-C once both pools are mounted: no report, nothing mounted, no temporary files."""
+    work, out = tmp_path / "work", tmp_path / "report"
+    work.mkdir()
+    proc = subprocess.Popen([*TOOL, "--smoke", "--out", str(out), "--dir", str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        progress = []
+        for line in proc.stderr:
+            progress.append(line)
+            if "repeat 1 of" in line:  # both pools are mounted now
+                assert len(mounts_under(work)) == 2, progress
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        left = mounts_under(work)
+        for point in reversed(left):
+            lazy_unmount(point)
+    assert proc.returncode == 130, "".join(progress) + rest
+    assert "interrupted: cleaning up" in rest
+    assert not left and os.listdir(work) == [] and not out.exists()
 
 
 @pytest.mark.parametrize("spec, message", [
