@@ -903,3 +903,44 @@ def test_restore_refuses_times_a_kernel_cannot_have(tmp_path):
     line = one_line_error(proc, 2)
     assert "time" in line
     assert not pool.exists() or not os.listdir(pool)
+
+
+def test_import_stores_each_block_once_when_extents_are_not_aligned(make_pool, tmp_path):
+    image = tmp_path / "img"
+    with open(image, "wb") as f:
+        f.truncate(4 * MiB)
+        for first, last in ((0, 19), (30, 31), (40, 42)):  # data extents off 1 MiB boundaries
+            f.seek(first * BS)
+            f.write(random.Random(first).randbytes((last - first + 1) * BS))
+    pool = make_pool("p", *TINY)
+    out = run_fusepool("import", pool, "v", image).stdout
+    assert f"{25 * BS} bytes stored" in out, out
+    assert vols(pool)["v"]["mapped_blocks"] == 25
+    run_fusepool("export", pool, "v", tmp_path / "back.img")
+    assert (tmp_path / "back.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.root
+def test_restore_takes_a_block_device_as_the_data(make_pool, make_mount, tmp_path):
+    pool = make_pool("p", *TINY)
+    m = make_mount(pool)
+    run_fusepool("create", pool, "v", "--size", "4M")
+    data = random.Random(9).randbytes(3 * MiB)
+    with open(m.vol("v"), "r+b") as f:
+        f.write(data)
+    run_fusepool("snapshot", pool, "v", "s")
+    run_fusepool("dump", pool, "-o", tmp_path / "x.xml", "--names", tmp_path / "n.json")
+    m.umount()
+    image = tmp_path / "data.img"
+    image.write_bytes((pool / "data").read_bytes()[: 64 * MiB])
+    dev = subprocess.run(["losetup", "--find", "--show", image], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        run_fusepool("restore", tmp_path / "q", "-i", tmp_path / "x.xml", "--data", dev,
+                     "--names", tmp_path / "n.json")
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    for name in ("v", "s"):
+        run_fusepool("export", tmp_path / "q", name, tmp_path / f"{name}.img")
+        assert (tmp_path / f"{name}.img").read_bytes()[: 3 * MiB] == data
+    check_clean(tmp_path / "q")

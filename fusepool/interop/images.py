@@ -61,11 +61,14 @@ def import_image(path: str, block_size: int, write: Callable[[int, bytes], None]
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
+        done = 0  # everything before this offset is copied
         for start, end in data_extents(fd, size):
-            # whole blocks, so zero detection sees whole blocks
-            pos = start - start % block_size
-            while pos < end:
-                n = min(max(CHUNK - CHUNK % block_size, block_size), size - pos)
+            # whole blocks, so zero detection sees whole blocks; a block two extents
+            # share is read once
+            pos = max(start - start % block_size, done)
+            stop = min(-(-end // block_size) * block_size, size)
+            while pos < stop:
+                n = min(max(CHUNK - CHUNK % block_size, block_size), stop - pos)
                 data = os.pread(fd, n, pos)
                 # write runs of non-zero blocks; skip zero blocks entirely
                 run_start = None
@@ -84,6 +87,7 @@ def import_image(path: str, block_size: int, write: Callable[[int, bytes], None]
                 pos += len(data)
                 if progress:
                     progress(pos, size)
+            done = max(done, pos)
     finally:
         os.close(fd)
     return stored

@@ -17,6 +17,7 @@ anything else a ``single_mapping``.  Volume names are not part of the format:
 they travel in a side file, ``{"<dev_id>": {"name": ..., "size": ...}}``.
 """
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -251,26 +252,53 @@ def dump(pool) -> tuple[MetadataIR, dict[int, dict]]:
     return ir, names
 
 
+def image_size(path: str) -> int:
+    """Size of a data image: a file, or a block device (whose st_size is 0)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def copy_sparse(src: str, dst: str) -> None:
-    """Copy a file keeping its holes (SEEK_DATA/SEEK_HOLE + copy_file_range)."""
-    size = os.stat(src).st_size
+    """Copy a file or block device into a file, keeping holes (SEEK_DATA/SEEK_HOLE)."""
+    size = image_size(src)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         os.ftruncate(fout.fileno(), size)
         pos = 0
         while pos < size:
             try:
                 start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            offset = start
-            while offset < end:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset, offset, offset)
-                if n == 0:
+                end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
                     break
-                offset += n
+                start, end = pos, size  # no hole information (a block device): all data
+            _copy_range(fin.fileno(), fout.fileno(), start, end)
             pos = end
         os.fsync(fout.fileno())
+
+
+def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
+    offset = start
+    try:
+        while offset < end:
+            n = os.copy_file_range(fd_in, fd_out, end - offset, offset, offset)
+            if n == 0:
+                return
+            offset += n
+    except OSError as exc:  # from a block device: copy by hand
+        if exc.errno not in (errno.EINVAL, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    zero = bytes(1 << 20)
+    while offset < end:
+        data = os.pread(fd_in, min(len(zero), end - offset), offset)
+        if not data:
+            return
+        if data != zero[: len(data)]:  # zero chunks stay holes
+            os.pwrite(fd_out, data, offset)
+        offset += len(data)
 
 
 def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: str,
@@ -292,11 +320,11 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
 
     bs = ir.block_size
     try:
-        image_size = os.stat(data_path).st_size
+        data_bytes = image_size(data_path)
     except OSError as exc:
         raise UsageError(f"data image {data_path}: {exc.strerror}") from None
-    if image_size < ir.nr_data_blocks * bs:
-        raise UsageError(f"data image {data_path} has {image_size} bytes; the metadata needs "
+    if data_bytes < ir.nr_data_blocks * bs:
+        raise UsageError(f"data image {data_path} has {data_bytes} bytes; the metadata needs "
                          f"{ir.nr_data_blocks} blocks of {bs} bytes ({ir.nr_data_blocks * bs} bytes)")
     if os.path.exists(pool_dir) and (not os.path.isdir(pool_dir) or os.listdir(pool_dir)):
         raise UsageError(f"{pool_dir} exists and is not an empty directory")
