@@ -153,6 +153,21 @@ def mounted(pool, make_mount):
     return make_mount(pool)
 
 
+@pytest.fixture
+def small_hostfs(tmp_path):
+    """A 24 MiB tmpfs to put pools on (root only); lazily unmounted at teardown.
+
+    Requested before ``make_mount`` by a test, it is torn down after the pool mounts.
+    """
+    if os.getuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "hostfs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(d)], check=True)
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False, capture_output=True)
+
+
 def read_all(path, offset: int = 0, length: int | None = None) -> bytes:
     """Read what the daemon serves: the kernel's cached pages of the file are dropped first."""
     fd = os.open(path, os.O_RDONLY)

@@ -505,18 +505,6 @@ def test_direct_on_a_loop_device(loop_device, make_mount, tmp_path):
     assert info(pool)["data_space_total"] == 64 * MiB
 
 
-@pytest.fixture
-def small_hostfs(tmp_path):
-    """A 24 MiB tmpfs (root only); lazily unmounted at teardown."""
-    if os.getuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "hostfs"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(d)], check=True)
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False, capture_output=True)
-
-
 @pytest.mark.root
 def test_preallocated_pool_on_a_small_host(small_hostfs):
     """Preallocating more than the host has: one line, nothing left; extend the same."""

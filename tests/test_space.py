@@ -489,18 +489,6 @@ def test_metadata_full_enospc_and_extend(tmp_path, make_mount):
 # --- 4. the host filesystem under the sparse files fills up --------------------------------
 
 @pytest.fixture
-def small_hostfs(tmp_path):
-    """A 24 MiB tmpfs; lazily unmounted at teardown (after the pool mounts, see below)."""
-    if os.getuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "hostfs"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(d)], check=True)
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False, capture_output=True)
-
-
-@pytest.fixture
 def hostfs_pool(small_hostfs, make_mount):
     """(pool on the small tmpfs, make_mount): the pool mounts are torn down before the tmpfs."""
     pool = small_hostfs / "pool"
