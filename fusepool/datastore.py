@@ -99,6 +99,11 @@ class DataStore:
                 raise OSError(errno.ENOSPC, "short write to the data image")
             position += total
 
+    def write_one(self, position: int, buffer) -> None:
+        """One pwrite (the hot path: an overwrite inside one block)."""
+        if os.pwrite(self.fd, buffer, position) != len(buffer):
+            raise OSError(errno.ENOSPC, "short write to the data image")
+
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
@@ -224,6 +229,9 @@ class DirectDataStore(DataStore):
             return parts[0] if len(parts) == 1 else b"".join(parts)
         finally:
             self.buffers.give(buf)
+
+    def write_one(self, position: int, buffer) -> None:
+        self.write(position, [buffer])  # alignment: see write
 
     def write(self, position: int, buffers: list) -> None:
         """Write ``buffers`` at ``position``: copied into aligned memory, edges read back first."""

@@ -785,13 +785,34 @@ class Pool:
         end = offset + length
         if end > MAX_VOLUME_SIZE:
             raise InvalidArgument(f"write beyond the largest volume size ({MAX_VOLUME_SIZE} bytes)")
-        if offset > dev.size:
-            self._zero_tail(dev)
         bs = self.block_size
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)  # startswith below needs the object itself
-        view = memoryview(data)
         zeros = memoryview(self.zero_block)
+        vb = offset // bs
+        if (end <= dev.size and (end - 1) // bs == vb
+                and not data.startswith(zeros[: min(length, bs)])):
+            # The common case first: an overwrite inside one block the volume owns
+            # (same tests as the in-place branch below; all-zero data goes the long
+            # way, for zero detection).
+            leaf = Tree.leaf(dev.root, vb // FANOUT)
+            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+            block = entry >> TIME_BITS
+            if (entry != UNMAPPED and self.space.counts[block] == 1
+                    and entry & TIME_MASK >= dev.snap_time
+                    and not Tree.leaf_is_shared(dev.root, vb // FANOUT)):
+                self.data_dirty = True
+                try:
+                    self.data.write_one(block * bs + offset - vb * bs, data)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise PoolFull(f"the host filesystem under {self.path} is full") from None
+                    raise
+                dev.mtime = wallclock.time()
+                return length
+        if offset > dev.size:
+            self._zero_tail(dev)
+        view = memoryview(data)
         counts = self.space.counts
         snap_time = dev.snap_time
         zeroing = not self.config.skip_block_zeroing
