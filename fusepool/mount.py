@@ -117,8 +117,18 @@ class Daemon:
             nursery.start_soon(self._signals)
             nursery.start_soon(self._after_init)
             on_ready()
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=self.fuse_workers())
             nursery.cancel_scope.cancel()  # the kernel unmounted us, or terminate()
+
+    def fuse_workers(self) -> int:
+        """How many requests pyfuse3 may serve at once.
+
+        The engine serves one request at a time anyway, and a second worker task
+        only adds a hand-over per request (one worker: +15-25 % small-request IOPS,
+        docs/performance.md).  In queue mode a write may wait for space, and that
+        must not hold up every other request.
+        """
+        return 1 if self.ops.no_space_timeout <= 0 else 64
 
     async def _commit_timer(self) -> None:
         while True:
