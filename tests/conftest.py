@@ -210,3 +210,10 @@ def write_report(name: str, figures: dict) -> None:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+def require(*tools: str) -> None:
+    """Fail (never skip) when a tool the test drives is missing: tools/setup installs them all."""
+    missing = [t for t in tools if not have(t)]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run tools/setup")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import have, run_fusepool
+from conftest import require, run_fusepool
 
 MiB = 1 << 20
 POOL = ("--data-size", "256M", "--metadata-size", "16M")
@@ -74,9 +74,8 @@ def tree_names(files: dict[str, bytes]) -> tuple[set[str], set[str]]:
 
 # --- ext4 --------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not (have("mkfs.ext4") and have("e2fsck") and have("debugfs")),
-                    reason="needs e2fsprogs (mkfs.ext4, e2fsck, debugfs)")
 def test_ext4_populated_snapshot_then_change_origin(make_pool, make_mount, tmp_path):
+    require("mkfs.ext4", "e2fsck", "debugfs")
     rng = random.Random(21)
     pool = make_pool("p", *POOL)
     m = make_mount(pool)
@@ -134,9 +133,8 @@ def _protofile(path: Path, files: dict[str, Path]) -> None:
     path.write_text("\n".join(lines))
 
 
-@pytest.mark.skipif(not (have("mkfs.xfs") and have("xfs_repair") and have("xfs_db")),
-                    reason="needs xfsprogs (mkfs.xfs, xfs_repair, xfs_db)")
 def test_xfs_snapshot_then_reformat_origin(make_pool, make_mount, tmp_path):
+    require("mkfs.xfs", "xfs_repair", "xfs_db")
     rng = random.Random(22)
     pool = make_pool("p", *POOL)
     m = make_mount(pool)
@@ -172,9 +170,8 @@ def test_xfs_snapshot_then_reformat_origin(make_pool, make_mount, tmp_path):
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="losetup and mount need root")
-@pytest.mark.skipif(not (have("losetup") and have("mkfs.ext4") and have("e2fsck")),
-                    reason="needs losetup and e2fsprogs")
 def test_loop_mounted_ext4_then_snapshot(make_pool, make_mount, tmp_path):
+    require("losetup", "mkfs.ext4", "e2fsck")
     rng = random.Random(23)
     pool = make_pool("p", *POOL)
     m = make_mount(pool)
@@ -217,8 +214,8 @@ def test_loop_mounted_ext4_then_snapshot(make_pool, make_mount, tmp_path):
 
 # --- fio ---------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not have("fio"), reason="needs fio")
 def test_fio_randwrite_verify(make_pool, make_mount, tmp_path):
+    require("fio")
     pool = make_pool("p", *POOL)
     m = make_mount(pool)
     run_fusepool("create", pool, "f", "--size", "32M")

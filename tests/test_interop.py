@@ -22,16 +22,17 @@ from xml.etree import ElementTree
 
 import pytest
 
-from conftest import fusepool_json, have, read_all as read_range, run_fusepool
+from conftest import fusepool_json, read_all as read_range, require, run_fusepool
 from fusepool.cli import pool_call
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BS = 64 * KiB
 TINY = ("--data-size", "64M", "--metadata-size", "16M")
 
-pytestmark = pytest.mark.skipif(
-    not all(have(t) for t in ("thin_restore", "thin_dump", "thin_check", "thin_ls", "thin_delta")),
-    reason="thin-provisioning-tools are not installed")
+
+@pytest.fixture(autouse=True)
+def _thin_tools():
+    require("thin_restore", "thin_dump", "thin_check", "thin_ls", "thin_delta")
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -661,8 +662,7 @@ def test_import_docker_unreadable_metadata_is_one_plain_line(tmp_path):
 
 @pytest.fixture
 def ext4_image(tmp_path):
-    if not have("mkfs.ext4"):
-        pytest.skip("e2fsprogs is not installed")
+    require("mkfs.ext4")
     src = tmp_path / "files"
     (src / "sub" / "deeper").mkdir(parents=True)
     rng = random.Random(3)
@@ -697,8 +697,8 @@ def check_export(pool, name, img, out, sparse=True) -> None:
         assert allocated >= os.path.getsize(img) // 2, f"{out}: {allocated} bytes (dd-like copy expected)"
 
 
-@pytest.mark.skipif(not have("qemu-img"), reason="qemu-utils is not installed")
 def test_import_export_raw_image_offline_and_online(make_pool, make_mount, ext4_image, tmp_path):
+    require("qemu-img")
     pool = make_pool("p", *TINY)
     want_blocks = nonzero_blocks(ext4_image)
     assert 0 < want_blocks < 64 * MiB // BS // 4
@@ -710,8 +710,7 @@ def test_import_export_raw_image_offline_and_online(make_pool, make_mount, ext4_
     assert fusepool_json("info", pool)["data_blocks_used"] == want_blocks
     check_export(pool, "off", ext4_image, tmp_path / "off.sparse.img")
     check_export(pool, "off", ext4_image, tmp_path / "off.full.img", sparse=False)
-    if have("e2fsck"):
-        tool("e2fsck", "-fn", tmp_path / "off.sparse.img")
+    tool("e2fsck", "-fn", tmp_path / "off.sparse.img")
 
     # online
     m = make_mount(pool)

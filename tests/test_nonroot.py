@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import is_mounted
+from conftest import is_mounted, require
 
 import fusepool
 
@@ -162,13 +162,8 @@ def unprivileged():
     """(User, work dir owned by the user); undoes everything at teardown, even after a failure."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create an unprivileged user")
-    for tool in ("runuser", "useradd", "fusermount3"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} is not installed")
-    if not os.path.exists(SYSTEM_PYTHON):
-        pytest.skip(f"{SYSTEM_PYTHON} is not installed")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing")
+    require("runuser", "useradd", "fusermount3", SYSTEM_PYTHON)
+    assert os.path.exists("/dev/fuse"), "/dev/fuse is missing"
     tag = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.implementation.cache_tag)"],
                          capture_output=True, text=True).stdout.strip()
     if tag != sys.implementation.cache_tag:
