@@ -168,6 +168,21 @@ def small_hostfs(tmp_path):
     subprocess.run(["umount", "-l", str(d)], check=False, capture_output=True)
 
 
+def write_fully(path, offset: int, data, fsync: bool = True) -> None:
+    """Write ``data`` at ``offset``, looping over short writes; then fsync (by default)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(fd, view, offset)
+            assert done > 0
+            view, offset = view[done:], offset + done
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_all(path, offset: int = 0, length: int | None = None) -> bytes:
     """Read what the daemon serves: the kernel's cached pages of the file are dropped first."""
     fd = os.open(path, os.O_RDONLY)

@@ -22,7 +22,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from conftest import fusepool_json, read_all as read_range, require, run_fusepool
+from conftest import fusepool_json, read_all as read_range, require, run_fusepool, write_fully
 from fusepool.cli import pool_call
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -187,19 +187,6 @@ def vols(pool) -> dict:
 
 
 
-def pwrite_all(path, offset: int, data) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            assert n > 0
-            view, offset = view[n:], offset + n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_blocks(actual: bytes, expected, name: str, bs: int = BS) -> None:
     """Equal, or an assertion naming the first differing block (not megabytes of repr)."""
     assert len(actual) == len(expected), f"{name}: length {len(actual)} != {len(expected)}"
@@ -257,7 +244,7 @@ def test_round_trip_out_through_the_thin_tools(make_pool, make_mount, tmp_path):
         models[name] = bytearray(size)
 
     def put(name, offset, data):
-        pwrite_all(m.vol(name), offset, data)
+        write_fully(m.vol(name), offset, data)
         models[name][offset : offset + len(data)] = data
 
     def snap(origin, name):
@@ -374,7 +361,7 @@ def test_round_trip_out_through_the_thin_tools(make_pool, make_mount, tmp_path):
     before = {name: bytes(models[name]) for name in ("a", "s", "ss", "sss")}
     for name in ("a", "s", "ss"):
         data = b"fresh-" + name.encode()
-        pwrite_all(m_new.vol(name), 8 * BS + 1234, data)
+        write_fully(m_new.vol(name), 8 * BS + 1234, data)
         models[name][8 * BS + 1234 : 8 * BS + 1234 + len(data)] = data
     for name in ("a", "s", "ss", "sss"):
         check_blocks(read_range(m_new.vol(name)), models[name], f"restored {name} after CoW")
@@ -534,7 +521,7 @@ def test_round_trip_in_hand_written_xml(tmp_path, make_mount):
                 want = block_content(maps[vb][0], HAND_BS) if vb in maps else bytes(HAND_BS)
                 assert read_range(path, vb * HAND_BS, HAND_BS) == want, (name_of[d], vb)
     # Written through the mount, a shared block is copied; its other users keep the old data.
-    pwrite_all(m.vol("origin"), 2 * HAND_BS + 5, b"changed")
+    write_fully(m.vol("origin"), 2 * HAND_BS + 5, b"changed")
     assert read_range(m.vol("origin"), 2 * HAND_BS, 16) == block_content(2, HAND_BS)[:5] + b"changed" + \
         block_content(2, HAND_BS)[12:16]
     for name in ("snap", "snapsnap", "late-snap"):
@@ -619,7 +606,7 @@ def test_import_docker_devicemapper_directory(tmp_path, make_mount):
             want = block_content(mp[vb][0], BS) if vb in mp else bytes(BS)
             assert read_range(path, vb * BS, BS) == want, (names[d], vb)
     # The container writes into a block it shares with the image: the image keeps its data.
-    pwrite_all(m.vol(CID), 1000 * BS, b"container write")
+    write_fully(m.vol(CID), 1000 * BS, b"container write")
     assert read_range(m.vol(CID), 1000 * BS, 15) == b"container write"
     for name in ("base", LAYER, f"{CID}-init"):
         assert read_range(m.vol(name), 1000 * BS, BS) == block_content(10, BS), name

@@ -26,7 +26,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from conftest import check_blocks, read_all, run_fusepool
+from conftest import check_blocks, read_all, run_fusepool, write_fully
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_VM = ROOT / "tools" / "kernel-vm"
@@ -134,18 +134,6 @@ def test_timeout_kills_the_vm(kernel_vm, tmp_path):
 
 # --- a fusepool pool in the kernel and back ---------------------------------------------------
 
-def pwrite_all(path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def kernel_block(n: int) -> bytes:
     """What the guest writes: ``yes KERNEL-WROTE-THIS | head -c n``."""
     line = b"KERNEL-WROTE-THIS\n"
@@ -177,7 +165,7 @@ def test_fusepool_pool_activates_in_the_kernel(kernel_vm, make_pool, make_mount,
         model[name] = bytearray(size)
 
     def put(name, offset, data):
-        pwrite_all(m.vol(name), offset, data)
+        write_fully(m.vol(name), offset, data)
         model[name][offset:offset + len(data)] = data
 
     def snapshot(origin, name):

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import check_blocks, fusepool_json, read_all, run_fusepool
+from conftest import check_blocks, fusepool_json, read_all, run_fusepool, write_fully
 from fusepool.check import check_pool
 from fusepool.cli import pool_call
 from fusepool.units import parse_size
@@ -44,20 +44,6 @@ def create(pool, name: str, size) -> None:
     pool_call(str(pool), "create", {"name": name, "size": parse_size(str(size))})
 
 
-
-
-def write_fully(path, offset: int, data, fsync: bool = True) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        view = memoryview(data)
-        while view:
-            done = os.pwrite(fd, view, offset)
-            assert done > 0
-            view, offset = view[done:], offset + done
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 
