@@ -17,10 +17,8 @@ import sys
 import time
 
 from fusepool import __version__, control
-from fusepool.errors import NotMounted, PoolError, UsageError
+from fusepool.errors import DaemonTimeout, NotMounted, PoolError, UsageError
 from fusepool.units import human_size, parse_percent, parse_size
-
-
 
 # --- routing: daemon or direct --------------------------------------------------------
 
@@ -31,12 +29,16 @@ def require_pool(pool_dir: str):
     return PoolConfig.load(os.path.abspath(pool_dir))
 
 
-def pool_call(pool_dir: str, op: str, args: dict | None = None):
-    """Run a pool command online (through the daemon) or offline (directly)."""
+def pool_call(pool_dir: str, op: str, args: dict | None = None, output=None):
+    """Run a pool command online (through the daemon) or offline (directly).
+
+    A command that streams its output (``dump``) writes it to ``output``, a
+    binary file object, and returns the rest of its result.
+    """
     pool_dir = os.path.abspath(pool_dir)
     require_pool(pool_dir)
     try:
-        return control.request(pool_dir, op, args or {})
+        return control.request(pool_dir, op, args or {}, output=output)
     except (FileNotFoundError, ConnectionRefusedError):
         pass  # no daemon: open the pool ourselves
     import logging
@@ -47,7 +49,12 @@ def pool_call(pool_dir: str, op: str, args: dict | None = None):
     from fusepool.pool import Pool
 
     with Pool.open(pool_dir) as pool:
-        return commands.run(pool, op, args or {})
+        result = commands.run(pool, op, args or {})
+        if isinstance(result, control.Streamed):
+            for piece in result.chunks:
+                output.write(piece.encode() if isinstance(piece, str) else piece)
+            result = result.result
+        return result
 
 
 def daemon_status(pool_dir: str) -> dict | None:
@@ -176,20 +183,44 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
 
 
 def cmd_umount(a) -> None:
-    mountpoint = os.path.abspath(a.mountpoint)
-    try:
-        info = mount_info(mountpoint)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            from fusepool.mount import lazy_unmount
+    """Unmount by asking the pool's daemon: which pool comes from the kernel's mount
+    table (the mount's source), and the daemon must confirm the mountpoint is its own."""
+    from fusepool.mounts import FSTYPE, find_mount, lazy_unmount
 
-            lazy_unmount(mountpoint)
-            print(f"cleared the stale mount at {mountpoint} (its daemon had died)")
-            return
-        raise NotMounted(f"{mountpoint}: {exc.strerror}") from None
-    reply = control.request(info["pool"], "unmount", {"force": a.force})
-    pid = reply["pid"]
+    mountpoint = os.path.abspath(a.mountpoint)
+    entry = find_mount(mountpoint)
+    if entry is None:
+        if not os.path.lexists(mountpoint):
+            raise NotMounted(f"{mountpoint}: no such directory")
+        raise NotMounted(f"{mountpoint} is not a fusepool mount (nothing is mounted there)")
+    if entry.fstype != FSTYPE:
+        raise NotMounted(f"{mountpoint} is not a fusepool mount (it is {entry.fstype})")
+    mountpoint = entry.mountpoint
     deadline = time.monotonic() + a.timeout
+    try:
+        reply = control.request(entry.source, "unmount", {"force": a.force, "mountpoint": mountpoint},
+                                timeout=a.timeout)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+        # No daemon answers for that pool.  A mount whose daemon died answers ENOTCONN
+        # at once (and a live one of another program is left alone).
+        try:
+            os.stat(mountpoint)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                lazy_unmount(mountpoint)
+                print(f"cleared the stale mount at {mountpoint} (its daemon had died)")
+                return
+        raise NotMounted(f"no fusepool daemon serves {mountpoint} (pool {entry.source} "
+                         "does not answer)") from None
+    except DaemonTimeout as exc:
+        if not a.force:
+            raise DaemonTimeout(f"{exc}; nothing was unmounted (`fusepool umount --force` "
+                                "detaches the mount anyway)") from None
+        lazy_unmount(mountpoint)
+        print(f"detached {mountpoint}: its daemon did not answer within {a.timeout:g} s; it exits "
+              "when it runs again, and the pool keeps its last commit", file=sys.stderr)
+        return
+    pid = reply["pid"]
     while process_alive(pid):
         if time.monotonic() > deadline:
             raise PoolError(f"the mount daemon (pid {pid}) has not exited after {a.timeout:g} s")
@@ -203,17 +234,6 @@ def process_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-
-
-def mount_info(mountpoint: str) -> dict:
-    """``{"pool": ..., "pid": ...}`` from the mount's hidden control file."""
-    try:
-        with open(os.path.join(mountpoint, ".fusepool"), "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, NotADirectoryError):
-        if not os.path.lexists(mountpoint):
-            raise NotMounted(f"{mountpoint}: no such directory") from None
-        raise NotMounted(f"{mountpoint} is not a fusepool mount") from None
 
 
 def cmd_create(a) -> None:
@@ -318,7 +338,7 @@ def list_thin_ls(a) -> None:
 def print_table(rows) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_info(a) -> None:
@@ -455,12 +475,10 @@ def cmd_repair(a) -> None:
 
 
 def cmd_dump(a) -> None:
-    res = pool_call(a.pool, "dump")
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(res["xml"])
-    else:
-        sys.stdout.write(res["xml"])
+    import contextlib
+
+    with open(a.output, "wb") if a.output else contextlib.nullcontext(sys.stdout.buffer) as out:
+        res = pool_call(a.pool, "dump", output=out)
     if a.names:
         with open(a.names, "w") as f:
             json.dump(res["names"], f, indent=2)

@@ -6,9 +6,9 @@ whether the pool is mounted (the request travels over the control socket) or
 not.
 """
 
+from fusepool.control import Streamed
 from fusepool.errors import UsageError
 from fusepool.pool import Pool
-
 
 
 def run(pool: Pool, op: str, args: dict):
@@ -83,14 +83,11 @@ def _set(pool, **settings):
 
 
 def _dump(pool):
-    from fusepool.interop.thin_xml import dump, write_xml
-
-    import io
+    """thin_dump XML, streamed: the IR is taken now, its text made piece by piece."""
+    from fusepool.interop.thin_xml import dump, xml_pieces
 
     ir, names = dump(pool)
-    out = io.StringIO()
-    write_xml(ir, out)
-    return {"xml": out.getvalue(), "names": {str(k): v for k, v in names.items()}}
+    return Streamed({"names": {str(k): v for k, v in names.items()}}, xml_pieces(ir))
 
 
 def _thin_ls(pool):

@@ -79,3 +79,26 @@ class Corrupt(PoolError):
 
 class NotMounted(PoolError):
     errno = errno.EINVAL
+
+
+class DaemonTimeout(PoolError):
+    """The mount daemon did not take a request in time; the request was not carried out."""
+
+    errno = errno.ETIMEDOUT
+
+
+class StateUnknown(PoolError):
+    """The mount daemon took a changing request but gave no answer: it may or may not be done.
+
+    Its own exit status, so scripts can tell "failed, nothing changed" (1) from
+    "don't know" (3) after a time-out.
+    """
+
+    errno = errno.ETIMEDOUT
+    exit_status = 3
+
+
+class PermissionDenied(PoolError):
+    """The caller is neither the pool's owner (the user who mounted it) nor root."""
+
+    errno = errno.EACCES

@@ -8,22 +8,19 @@ nursery, unmounts, commits and releases the lock, in that order.
 """
 
 import errno
-import json
 import logging
 import os
-import re
 import signal
-import subprocess
 
 import pyfuse3
 import trio
 
 from fusepool import commands
 from fusepool.autoextend import run_hook
-from fusepool.config import SOCKET
-from fusepool.control import error_reply, socket_path
-from fusepool.errors import PoolBusy, PoolError, UsageError
+from fusepool.control_server import ControlServer
+from fusepool.errors import NotMounted, PoolBusy, PoolError, UsageError
 from fusepool.fs import FusepoolOperations
+from fusepool.mounts import find_mount, lazy_unmount, unescape_mount_path  # noqa: F401
 from fusepool.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -60,25 +57,14 @@ def check_mountpoint(mountpoint: str) -> None:
 READ_AHEAD_KB = 1024
 
 
-def unescape_mount_path(field: bytes) -> bytes:
-    """A path as /proc/*/mounts and mountinfo write it: space, tab, newline, backslash in octal."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
 def mount_device(mountpoint: str) -> str | None:
     """``major:minor`` of the filesystem mounted at ``mountpoint``, from mountinfo.
 
     Read from /proc rather than by stat(), which would ask this very daemon
     before it serves requests.
     """
-    want = os.fsencode(mountpoint)
-    device = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if unescape_mount_path(fields[4]) == want:
-                device = fields[2].decode()  # the last match is the mount on top
-    return device
+    entry = find_mount(mountpoint)
+    return entry.device if entry else None
 
 
 def raise_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KB) -> None:
@@ -92,9 +78,9 @@ def raise_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KB) -> None:
         log.debug("read-ahead of %s stays at the kernel default: %s", mountpoint, exc)
 
 
-def lazy_unmount(mountpoint: str) -> None:
-    cmd = ["fusermount3", "-u", "-z", mountpoint] if os.getuid() else ["umount", "-l", mountpoint]
-    subprocess.run(cmd, check=False, capture_output=True)
+def fsname_option(pool_dir: str) -> str:
+    """The pool's path as a FUSE ``fsname`` option value (libfuse unescapes '\\' and ',')."""
+    return pool_dir.replace("\\", "\\\\").replace(",", "\\,")
 
 
 class Daemon:
@@ -150,46 +136,18 @@ class Daemon:
                 pyfuse3.terminate()
 
     async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        with socket_path(self.pool.path) as path:
-            try:
-                os.unlink(os.path.join(self.pool.path, SOCKET))  # left by a dead daemon
-            except FileNotFoundError:
-                pass
-            await sock.bind(path)
-        sock.listen(16)
-        task_status.started()
-        try:
-            await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])
-        finally:
-            try:
-                os.unlink(os.path.join(self.pool.path, SOCKET))
-            except FileNotFoundError:
-                pass
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = await stream.receive_some(1 << 16)
-                if not chunk:
-                    return
-                data += chunk
-            try:
-                request = json.loads(data)
-                reply = {"ok": True, "result": await self._dispatch(request["op"], request.get("args", {}))}
-            except (PoolError, ValueError, KeyError, TypeError) as exc:
-                reply = error_reply(exc if isinstance(exc, PoolError) else UsageError(f"bad request: {exc}"))
-            except Exception as exc:
-                log.exception("control request failed")
-                reply = error_reply(exc)
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
+        await ControlServer(self.pool.path, self._dispatch).serve(task_status=task_status)
 
     async def _dispatch(self, op: str, args: dict):
         if op == "status":
             return {"pid": os.getpid(), "mountpoint": self.mountpoint, "pool": self.pool.path,
                     "writeback_cache": self.ops.enable_writeback_cache}
         if op == "unmount":
+            # Asked by mountpoint (fusepool umount MNT): refuse if it is not ours, so a
+            # forged mount that names this pool cannot unmount it.
+            if "mountpoint" in args and args["mountpoint"] != self.mountpoint:
+                raise NotMounted(f"{args['mountpoint']} is not where pool {self.pool.path} is "
+                                 f"mounted ({self.mountpoint})")
             busy = sum(d.open_count for d in self.pool.devices.values())
             if busy and not args.get("force"):
                 raise PoolBusy(f"{self.mountpoint} is busy: {busy} open file handle(s) on its volumes")
@@ -217,12 +175,15 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
           allow_other: bool = False, debug_fuse: bool = False,
           no_space_timeout: float | None = None, writeback_cache: bool = False) -> None:
     """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted."""
-    mountpoint = os.path.abspath(mountpoint)
+    mountpoint = os.path.realpath(mountpoint)  # as mountinfo will show it
     pool = Pool.open(pool_dir)
     try:
         check_mountpoint(mountpoint)
         daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout, writeback_cache)
-        options = set(pyfuse3.default_options) | {"fsname=fusepool", "subtype=fusepool"}
+        # The mount's source names its pool (`fusepool umount` reads it from mountinfo and
+        # then asks that pool's daemon; see cli.find_mount).
+        options = set(pyfuse3.default_options) | {f"fsname={fsname_option(pool.path)}",
+                                                   "subtype=fusepool"}
         if allow_other:
             options.add("allow_other")
         if debug_fuse:

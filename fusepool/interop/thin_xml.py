@@ -80,21 +80,32 @@ def runs_of(mappings: Iterator[tuple[int, int, int]]) -> list[Run]:
 
 def write_xml(ir: MetadataIR, out) -> None:
     """Write ``ir`` as thin_dump does (same element and attribute order)."""
-    out.write(f'<superblock uuid={quoteattr(ir.uuid)} time="{ir.time}" transaction="{ir.transaction}" '
-              f'flags="{ir.flags}" version="{ir.version}" data_block_size="{ir.data_block_size}" '
-              f'nr_data_blocks="{ir.nr_data_blocks}">\n')
+    for piece in xml_pieces(ir):
+        out.write(piece)
+
+
+def xml_pieces(ir: MetadataIR) -> Iterator[str]:
+    """thin_dump's XML for ``ir``, a device (or 4096 mappings) at a time."""
+    yield (f'<superblock uuid={quoteattr(ir.uuid)} time="{ir.time}" transaction="{ir.transaction}" '
+           f'flags="{ir.flags}" version="{ir.version}" data_block_size="{ir.data_block_size}" '
+           f'nr_data_blocks="{ir.nr_data_blocks}">\n')
     for dev in ir.devices:
-        out.write(f'  <device dev_id="{dev.dev_id}" mapped_blocks="{dev.mapped_blocks}" '
-                  f'transaction="{dev.transaction}" creation_time="{dev.creation_time}" '
-                  f'snap_time="{dev.snap_time}">\n')
+        lines = [f'  <device dev_id="{dev.dev_id}" mapped_blocks="{dev.mapped_blocks}" '
+                 f'transaction="{dev.transaction}" creation_time="{dev.creation_time}" '
+                 f'snap_time="{dev.snap_time}">\n']
         for origin, data, length, t in dev.runs:
             if length == 1:
-                out.write(f'    <single_mapping origin_block="{origin}" data_block="{data}" time="{t}"/>\n')
+                lines.append(f'    <single_mapping origin_block="{origin}" data_block="{data}" '
+                             f'time="{t}"/>\n')
             else:
-                out.write(f'    <range_mapping origin_begin="{origin}" data_begin="{data}" '
-                          f'length="{length}" time="{t}"/>\n')
-        out.write("  </device>\n")
-    out.write("</superblock>\n")
+                lines.append(f'    <range_mapping origin_begin="{origin}" data_begin="{data}" '
+                             f'length="{length}" time="{t}"/>\n')
+            if len(lines) >= 4096:
+                yield "".join(lines)
+                lines = []
+        lines.append("  </device>\n")
+        yield "".join(lines)
+    yield "</superblock>\n"
 
 
 # --- reading and validating -------------------------------------------------------------------
