@@ -25,6 +25,7 @@ The client uses blocking sockets and imports no trio, so CLI commands start
 fast.  The daemon side is :mod:`fusepool.control_server`.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -162,16 +163,14 @@ def request(pool_dir: str, op: str, args: dict | None = None, timeout: float = 1
     if pid:
         who += f" (pid {pid})"
     with socket_path(pool_dir) as path, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except TimeoutError:
-            raise errors.DaemonTimeout(f"{who} did not accept a connection within {timeout:g} s; "
-                                       f"`{op}` was not carried out") from None
+        _connect(sock, path, deadline, f"{who} did not accept a connection within {timeout:g} s; "
+                 f"`{op}` was not carried out")
         conn = _Connection(sock, deadline)
         started = False
         try:
-            sock.sendall(message)
+            # Refused before reading (another user)? Then its reply says why.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(message)
             hello = conn.line()
             if hello is None:
                 raise errors.PoolError(f"{who} closed the connection without answering")
@@ -203,6 +202,22 @@ def request(pool_dir: str, op: str, args: dict | None = None, timeout: float = 1
             raise errors.PoolError(f"{who} closed the connection without answering") from None
         except ValueError:
             raise errors.PoolError(f"{who} sent a malformed reply") from None
+
+
+def _connect(sock: socket.socket, path: str, deadline: float, late: str) -> None:
+    """Connect, retrying while the daemon's backlog is full, until the deadline."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.DaemonTimeout(late)
+        sock.settimeout(remaining)
+        try:
+            sock.connect(path)
+            return
+        except TimeoutError:
+            raise errors.DaemonTimeout(late) from None
+        except BlockingIOError:  # EAGAIN: the listen backlog is full
+            time.sleep(min(0.01, max(remaining, 0)))
 
 
 def _cut_short(who: str, op: str) -> errors.PoolError:

@@ -86,7 +86,7 @@ class ControlServer:
                 await sock.bind(path)
             finally:
                 os.umask(old_umask)
-        sock.listen(16)
+        sock.listen(128)
         task_status.started()
         try:
             await trio.serve_listeners(self.handle, [trio.SocketListener(sock)])

@@ -105,7 +105,8 @@ class Mount:
 
     def cleanup(self):
         if is_mounted(self.mountpoint):
-            if run_fusepool("umount", self.mountpoint, "--force", check=False, timeout=60).returncode:
+            if run_fusepool("umount", self.mountpoint, "--force", "--timeout", "10", check=False,
+                            timeout=60).returncode:
                 if self.pid:
                     try:
                         os.kill(self.pid, signal.SIGKILL)
