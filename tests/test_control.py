@@ -359,3 +359,21 @@ def test_online_dump_streams_the_same_xml_as_offline(tmp_path, make_pool, make_m
     assert online.count("<single_mapping") == 24000 and online.endswith("</superblock>\n")
     m.umount()
     assert run_fusepool("dump", pool).stdout == online
+
+
+def test_umount_finds_a_pool_whose_path_needs_escaping(tmp_path):
+    """The pool's path travels as the mount's source: commas (libfuse's option separator),
+    backslashes and spaces (octal in mountinfo) must survive the round trip."""
+    base = tmp_path / "we,ird \\dir x"
+    base.mkdir()
+    pool, mnt = base / "pool", base / "mnt"
+    mnt.mkdir()
+    run_fusepool("init", pool, "--data-size", "256M", "--metadata-size", "32M")
+    run_fusepool("mount", pool, mnt)
+    try:
+        run_fusepool("create", pool, "v", "--size", "1M")
+        run_fusepool("umount", mnt)
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            lazy_unmount(mnt)
