@@ -202,9 +202,10 @@ def cmd_umount(a) -> None:
                                 timeout=a.timeout)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
         # No daemon answers for that pool.  A mount whose daemon died answers ENOTCONN
-        # at once (and a live one of another program is left alone).
+        # at once (and a live one of another program is left alone).  readdir, not
+        # stat: the kernel may answer stat from its attribute cache for a second.
         try:
-            os.stat(mountpoint)
+            os.listdir(mountpoint)
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
                 lazy_unmount(mountpoint)
