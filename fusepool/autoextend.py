@@ -124,6 +124,45 @@ def hook_environment(pool_dir: str, free: int, total: int, used: int, block_size
     }
 
 
+def untrusted_config(pool_dir: str, command: str | None = None) -> str | None:
+    """Why the pool's ``on_low_water`` must not run as this process, or None if it may.
+
+    The hook is a shell command run with this process's rights, so it must come
+    from a pool.json that only this user could have written: owned by the
+    effective uid and not group/other-writable (root mounting another user's
+    pool does not run that user's command as root).  With ``command``, the file
+    is read again through the descriptor that was checked and must still hold
+    that command, so swapping pool.json after it was loaded does not help.
+    """
+    import json
+    import stat
+
+    from fusepool.layout import CONFIG
+
+    path = os.path.join(pool_dir, CONFIG)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        euid = os.geteuid()
+        if st.st_uid != euid:
+            return f"{path} is owned by uid {st.st_uid}, not by this process (uid {euid})"
+        if st.st_mode & 0o022:
+            return (f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): anyone "
+                    "could have set the command")
+        if command is None:
+            return None
+        try:
+            on_file = json.loads(f.read()).get("on_low_water")
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"{path} cannot be read back ({exc})"
+    if on_file != command:
+        return f"{path} no longer holds the command this pool was opened with"
+    return None
+
+
 def spawn_hook(command: str, env: dict[str, str]) -> None:
     """Start ``command`` with ``/bin/sh -c`` and do not wait for it (no trio loop here)."""
     try:

@@ -140,7 +140,10 @@ def cmd_mount(a) -> None:
         ["--writeback-cache"] if a.writeback_cache else []) + (
         ["--no-space-timeout", str(a.no_space_timeout)] if a.no_space_timeout is not None else [])
     log_path = os.path.join(pool_dir, "fusepool.log")
-    with open(log_path, "ab") as log_file:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    os.fchmod(log_fd, 0o600)  # owner-only like every file of the pool, whatever the umask
+    with open(log_fd, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                 pass_fds=(write_fd,), start_new_session=True, cwd="/")
     os.close(write_fd)
@@ -478,10 +481,18 @@ def cmd_repair(a) -> None:
 def cmd_dump(a) -> None:
     import contextlib
 
-    with open(a.output, "wb") if a.output else contextlib.nullcontext(sys.stdout.buffer) as out:
+    from fusepool.outputs import check_output, open_output
+
+    pool_dir = os.path.abspath(a.pool)
+    require_pool(pool_dir)
+    for path in (a.output, a.names):  # refused before any work (never a symlink or a pool file)
+        if path:
+            check_output(path, pool_dir)
+    with (open(open_output(a.output, pool_dir), "wb") if a.output
+          else contextlib.nullcontext(sys.stdout.buffer)) as out:
         res = pool_call(a.pool, "dump", output=out)
     if a.names:
-        with open(a.names, "w") as f:
+        with open(open_output(a.names, pool_dir), "w") as f:
             json.dump(res["names"], f, indent=2)
             f.write("\n")
 
@@ -494,6 +505,9 @@ def cmd_restore(a) -> None:
             ir = read_xml(f)
     except OSError as exc:
         raise UsageError(f"{a.input}: {exc.strerror}") from None
+    from fusepool.outputs import check_restore_data
+
+    check_restore_data(a.data, a.pool)
     metadata_size = parse_size(a.metadata_size) if a.metadata_size else None
     names = restore(ir, read_names(a.names), a.data, a.pool, metadata_size)
     print(f"restored {len(names)} volume(s) into {os.path.abspath(a.pool)}: {', '.join(names) or '-'}")
@@ -517,9 +531,11 @@ def cmd_delta(a) -> None:
 
 def cmd_export(a) -> None:
     from fusepool.interop.images import export_image
+    from fusepool.outputs import check_output
 
     pool_dir = os.path.abspath(a.pool)
     require_pool(pool_dir)
+    check_output(a.file, pool_dir)  # before the temporary snapshot (export_image checks again)
     status = daemon_status(pool_dir)
     if status:  # online: read a temporary snapshot through the mount (a consistent copy)
         temp = f"{a.name}.export-{os.getpid()}"
@@ -530,7 +546,7 @@ def cmd_export(a) -> None:
             with open(os.path.join(status["mountpoint"], temp), "rb") as f:
                 size = int(dev["Data"]["DeviceSize"])
                 copied = export_image(extents, size, lambda off, n: os.pread(f.fileno(), n, off),
-                                      a.file, a.sparse)
+                                      a.file, a.sparse, pool_dir=pool_dir)
         finally:
             pool_call(pool_dir, "remove", {"name": temp})
     else:
@@ -542,21 +558,23 @@ def cmd_export(a) -> None:
             extents = commands.run(pool, "map", {"name": a.name})
             size = dev.size
             copied = export_image(extents, size, lambda off, n: pool.read(dev.dev_id, off, n),
-                                  a.file, a.sparse)
+                                  a.file, a.sparse, pool_dir=pool_dir)
     print(f"exported {a.name} ({size} bytes, {copied} bytes of data) to {a.file}")
 
 
 def cmd_import(a) -> None:
     from fusepool.interop.images import import_image
+    from fusepool.outputs import check_input
 
     pool_dir = os.path.abspath(a.pool)
     config = require_pool(pool_dir)
+    status = daemon_status(pool_dir)
+    check_input(a.file, pool_dir, status["mountpoint"] if status else None)
     try:
         image_size = os.stat(a.file).st_size
     except OSError as exc:
         raise UsageError(f"{a.file}: {exc.strerror}") from None
     size = max(parse_size(a.size) if a.size else 0, image_size)
-    status = daemon_status(pool_dir)
     if status:  # online: create through the daemon, write through the mount
         pool_call(pool_dir, "create", {"name": a.name, "size": size})
         try:
@@ -853,6 +871,10 @@ LIGHT_COMMANDS = {"create", "snapshot", "remove", "resize", "list", "info", "ins
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Second line of defence for "every file of a pool is owner-only": whatever a
+    # code path forgets to chmod is created without group/other bits (a stricter
+    # umask is kept).
+    os.umask(os.umask(0o077) | 0o077)
     argv = sys.argv[1:] if argv is None else argv
     if "resize" in argv and any(re.match(r"^-\d", x) for x in argv[argv.index("resize") + 1 :]):
         # argparse would take "-1G" for an option and print a confusing message

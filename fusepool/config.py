@@ -11,13 +11,23 @@ Layout (Docker's loop-lvm names where it costs nothing)::
     POOL/fusepool.log   the mount daemon's log when it runs in the background
 """
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
+import stat
 from dataclasses import asdict, dataclass
 
 from fusepool.errors import NotAPool, PoolBusy
 from fusepool.layout import CONFIG, DATA, JOURNAL, LOCK, LOG, METADATA, SOCKET  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+# A pool belongs to its owner (DESIGN.md 4): every file of it is owner-only whatever
+# the umask.  The control socket's mode and peer check are mount.py's and control.py's.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 @dataclass
@@ -71,9 +81,13 @@ class PoolConfig:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """temp file + fsync + rename + fsync of the directory."""
+    """temp file + fsync + rename + fsync of the directory; the file is owner-only (0600)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a crash: never write through whatever is there
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    with open(fd, "w") as f:
+        os.fchmod(fd, FILE_MODE)  # explicit: the umask only ever takes bits away
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -90,7 +104,7 @@ class PoolLock:
 
     def __init__(self, pool_dir: str):
         self.path = os.path.join(pool_dir, LOCK)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,3 +119,54 @@ class PoolLock:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = -1
+
+
+def make_pool_dir(path: str) -> bool:
+    """Create ``path`` (or take an existing empty directory) as a pool directory: mode 0700.
+
+    Returns True if it was made here.
+    """
+    made = not os.path.exists(path)
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    os.chmod(path, DIR_MODE)  # makedirs' mode goes through the umask; an existing one keeps its own
+    return made
+
+
+def tighten_pool_dir(pool_dir: str) -> None:
+    """Make an existing pool owner-only: the directory 0700, its regular files 0600.
+
+    For pools made before this rule, or loosened by hand; each change is
+    logged at INFO.  Files are changed through a descriptor opened without
+    following symlinks, so a link planted in the directory changes nothing
+    else; anything this process may not change is left as it is (it cannot
+    open the pool then either).
+    """
+    def tighten(fd: int, name: str, want: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, want)
+            log.info("pool %s: %s was mode %04o, now %04o (a pool is owner-only)", pool_dir, name,
+                     stat.S_IMODE(st.st_mode), want)
+
+    try:
+        dir_fd = os.open(pool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            tighten(dir_fd, "the pool directory", DIR_MODE)
+        for name in os.listdir(dir_fd):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+            except OSError:  # a symlink, a socket, or not ours to open
+                continue
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    tighten(fd, name, FILE_MODE)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)

@@ -94,7 +94,7 @@ class FusepoolOperations(pyfuse3.Operations):
         attr.generation = int(dev.created)
         attr.entry_timeout = ENTRY_TIMEOUT
         attr.attr_timeout = ATTR_TIMEOUT
-        attr.st_mode = stat.S_IFREG | 0o644
+        attr.st_mode = stat.S_IFREG | dev.mode
         attr.st_nlink = 0 if dev.deleted else 1
         attr.st_uid, attr.st_gid = self.uid, self.gid
         attr.st_size = dev.size
@@ -151,8 +151,10 @@ class FusepoolOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         dev_id = self._dev_id(inode)
         dev = self.pool.device(dev_id)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
-            raise pyfuse3.FUSEError(errno.EPERM)  # volumes have fixed owner and mode
+        if fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)  # volumes belong to the daemon's user
+        if fields.update_mode:  # (the kernel let only the owner or root get here)
+            self.pool.set_mode(dev_id, stat.S_IMODE(attr.st_mode))
         if fields.update_size and attr.st_size != dev.size:
             if attr.st_size < dev.size:
                 log.info("refused to shrink volume %s", dev.name)
@@ -213,7 +215,8 @@ class FusepoolOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         if parent_inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        dev = self.pool.create_volume(self._name(name), 0)
+        # The creating process's mode and umask, as for any file it creates.
+        dev = self.pool.create_volume(self._name(name), 0, mode & ~ctx.umask & 0o777)
         return self._open_handle(dev.dev_id), self._volume_attrs(dev.dev_id)
 
     @fuse_errors

@@ -181,9 +181,11 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
         check_mountpoint(mountpoint)
         daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout, writeback_cache)
         # The mount's source names its pool (`fusepool umount` reads it from mountinfo and
-        # then asks that pool's daemon; see cli.find_mount).
+        # then asks that pool's daemon; see cli.find_mount).  default_permissions: the kernel
+        # checks each access against the volume's mode and owner (what makes --allow-other
+        # safe: volumes are 0600 unless chmodded).
         options = set(pyfuse3.default_options) | {f"fsname={fsname_option(pool.path)}",
-                                                   "subtype=fusepool"}
+                                                   "subtype=fusepool", "default_permissions"}
         if allow_other:
             options.add("allow_other")
         if debug_fuse:

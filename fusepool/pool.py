@@ -32,7 +32,7 @@ from array import array
 from dataclasses import dataclass, field
 
 from fusepool import __version__, autoextend
-from fusepool.config import DATA, JOURNAL, METADATA, PoolConfig, PoolLock
+from fusepool.config import DATA, JOURNAL, METADATA, PoolConfig, PoolLock, make_pool_dir, tighten_pool_dir
 from fusepool.datastore import DataStore, DirectDataStore, check_data_device
 from fusepool.errors import (
     BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
@@ -59,6 +59,7 @@ METADATA_RESERVE_PAGES = 64  # kept free so a commit can always be written
 # would make a crash's replay slow and hold freed blocks back too long).
 JOURNAL_MAX_MAPPINGS = 100_000
 JOURNAL_MAX_BYTES = 16 << 20
+VOLUME_MODE = 0o600  # a new volume's permission bits unless the creator says otherwise
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Device:
     deleted: bool = False  # removed while open: freed when the last handle closes
     root: Node | None = field(default=None, repr=False)
     open_count: int = 0
+    # Permission bits of the volume's file in the mount (chmod; enforced by the kernel's
+    # default_permissions).  Records written before modes existed read as the default.
+    mode: int = VOLUME_MODE
 
     def to_record(self) -> dict:
         return {
@@ -85,14 +89,18 @@ class Device:
             "creation_time": self.creation_time, "snap_time": self.snap_time,
             "transaction": self.transaction, "created": self.created, "origin": self.origin,
             "mapped_blocks": self.mapped_blocks, "mtime": self.mtime, "deleted": self.deleted,
+            "mode": self.mode,
             "root": 0,  # filled in by the store
         }
 
     @classmethod
     def from_record(cls, rec: dict, root: Node | None) -> "Device":
+        mode = rec.get("mode")
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+            mode = VOLUME_MODE  # absent (an older pool) or damaged: the owner-only default
         return cls(rec["dev_id"], rec["name"], rec["size"], rec["creation_time"], rec["snap_time"],
                    rec["transaction"], rec["created"], rec.get("origin"), rec["mapped_blocks"],
-                   rec.get("mtime", rec["created"]), rec.get("deleted", False), root)
+                   rec.get("mtime", rec["created"]), rec.get("deleted", False), root, mode=mode)
 
 
 def validate_name(name: str) -> str:
@@ -116,6 +124,9 @@ def validate_block_size(block_size: int) -> int:
 
 class Pool:
     """An open thin pool.  Use :meth:`create` once, then :meth:`open`."""
+
+    # Why on_low_water must not run (set by open: pool.json not the user's own), or None.
+    hook_refusal: str | None = None
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -183,11 +194,8 @@ class Pool:
                 raise UsageError(f"{path} exists and is not a directory")
             if os.listdir(path):
                 raise VolumeExists(f"{path} is not empty: refusing to create a pool there")
-            made_dir = False
-        else:
-            made_dir = True
         try:
-            os.makedirs(path, exist_ok=True)
+            made_dir = make_pool_dir(path)  # owner-only (0700), whatever the umask
         except OSError as exc:
             raise PoolError(f"cannot create {path}: {exc.strerror}") from None
         uuid = str(uuidlib.uuid4())
@@ -228,10 +236,16 @@ class Pool:
             raise NotAPool(f"{path}: the metadata file is missing")
         lock = PoolLock(path)
         try:
-            return cls(path, config, lock, readonly)
+            # Judged before tightening: a pool.json others could write stays untrusted.
+            hook_refusal = autoextend.untrusted_config(path)
+            if not readonly:
+                tighten_pool_dir(path)
+            pool = cls(path, config, lock, readonly)
         except BaseException:
             lock.release()
             raise
+        pool.hook_refusal = hook_refusal
+        return pool
 
     def __init__(self, path: str, config: PoolConfig, lock: PoolLock, readonly: bool):
         self.path = path
@@ -539,8 +553,12 @@ class Pool:
         """Visible volumes (deferred deletions excluded), by name."""
         return sorted((self.devices[i] for i in self.names.values()), key=lambda d: d.name)
 
-    def create_volume(self, name: str, size: int | None = None) -> Device:
-        """A new, empty thin volume of ``size`` bytes (default: the base size)."""
+    def create_volume(self, name: str, size: int | None = None, mode: int = VOLUME_MODE) -> Device:
+        """A new, empty thin volume of ``size`` bytes (default: the base size).
+
+        ``mode``: its permission bits in the mount (owner-only unless the creator
+        in the mount asked for more, through its open() mode and umask).
+        """
         validate_name(name)
         size = self.config.base_size if size is None else size
         self._check_size(size)
@@ -550,7 +568,7 @@ class Pool:
         self._check_min_free("create volume")
         now = wallclock.time()
         dev = Device(self._new_dev_id(), name, size, self.time, self.time, self.transaction_id + 1,
-                     now, mtime=now)
+                     now, mtime=now, mode=mode & 0o777)
         self._add(dev)
         return dev
 
@@ -570,7 +588,8 @@ class Pool:
         now = wallclock.time()
         dev = Device(self._new_dev_id(), name, origin.size, self.time, self.time,
                      self.transaction_id + 1, now, origin=origin.dev_id,
-                     mapped_blocks=origin.mapped_blocks, mtime=now, root=origin.root)
+                     mapped_blocks=origin.mapped_blocks, mtime=now, root=origin.root,
+                     mode=origin.mode)  # the same data: the same access as its origin
         self._add(dev)
         return dev
 
@@ -639,6 +658,21 @@ class Pool:
         self.names[new] = dev.dev_id
         self.dirty = self.structure_changed = True
         self.commit()
+
+    def set_mode(self, dev_id: int, mode: int) -> Device:
+        """chmod of a volume in the mount: permission bits only; durable before it returns."""
+        dev = self.device(dev_id)
+        self._check_writable()
+        mode &= 0o777
+        if mode != dev.mode:
+            old, dev.mode = dev.mode, mode
+            self.dirty = self.structure_changed = True  # the device table: a full commit
+            try:
+                self.commit()
+            except PoolError:
+                dev.mode = old
+                raise
+        return dev
 
     def resize(self, name: str, size: int) -> Device:
         """Grow a volume (online).  Shrinking is refused: data would be lost."""
@@ -1057,6 +1091,8 @@ class Pool:
         config = dataclasses.replace(self.config, **values)
         config.save(self.path)
         self.config = config
+        if "on_low_water" in settings:  # the hook is now one this process wrote itself
+            self.hook_refusal = None
         self.autoextend_stuck_at = 0
         self._arm_space_watch()
         if self.space.free < self.space_watch:  # already past a new threshold: act now
@@ -1157,6 +1193,10 @@ class Pool:
         log.warning("pool %s: %d free data blocks, below the low-water mark of %d%s", self.path, free,
                     c.low_water_mark, "; running its hook" if c.on_low_water else "")
         if not c.on_low_water:
+            return
+        refusal = self.hook_refusal or autoextend.untrusted_config(self.path, c.on_low_water)
+        if refusal:
+            log.error("pool %s: not running the low-water hook: %s", self.path, refusal)
             return
         env = autoextend.hook_environment(self.path, free, self.nr_blocks, self.space.used,
                                           self.block_size, c.low_water_mark)

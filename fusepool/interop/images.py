@@ -13,14 +13,18 @@ CHUNK = 1 << 20  # I/O size for copying
 
 
 def export_image(extents: list[dict], size: int, read: Callable[[int, int], bytes], path: str,
-                 sparse: bool, progress=None) -> int:
+                 sparse: bool, progress=None, pool_dir: str | None = None) -> int:
     """Write a volume's bytes to ``path``; returns the bytes of data copied.
 
     With ``sparse`` only mapped extents are written and the rest stays a hole;
-    without, every byte is written (zeros included), as ``dd`` would.
+    without, every byte is written (zeros included), as ``dd`` would.  ``path``
+    is opened by :func:`fusepool.outputs.open_output`: never through a symlink,
+    0600, and never a file of ``pool_dir`` (the pool exported from).
     """
+    from fusepool.outputs import open_output
+
     copied = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_output(path, pool_dir)
     try:
         os.ftruncate(fd, size)
         if not sparse:

@@ -275,7 +275,10 @@ def image_size(path: str) -> int:
 def copy_sparse(src: str, dst: str) -> None:
     """Copy a file or block device into a file, keeping holes (SEEK_DATA/SEEK_HOLE)."""
     size = image_size(src)
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    # A new file of the pool: owner-only whatever the umask, never through a symlink.
+    out_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(out_fd, 0o600)
+    with open(src, "rb") as fin, open(out_fd, "wb") as fout:
         os.ftruncate(fout.fileno(), size)
         pos = 0
         while pos < size:
@@ -384,7 +387,9 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
         uuid = str(uuidlib.UUID(ir.uuid))
     except ValueError:
         uuid = str(uuidlib.uuid4())
-    os.makedirs(pool_dir, exist_ok=True)
+    from fusepool.config import make_pool_dir
+
+    make_pool_dir(pool_dir)  # owner-only (0700), whatever the umask
     made = []
     try:
         made.append(os.path.join(pool_dir, DATA))
