@@ -409,3 +409,42 @@ def test_ftruncate_on_an_unlinked_volume_leaves_its_namesake_alone(pool, make_mo
     st = os.stat(m.vol("a"))
     assert stat.S_ISREG(st.st_mode) and st.st_size == 1 << 20
     assert read_all(m.vol("a"), 0, 5) == bytes(5)
+
+
+# --- what the user sees ------------------------------------------------------------------------
+
+def test_a_needs_check_pool_mounts_read_only_until_a_clean_check(pool, make_mount, caplog):
+    allow_warnings(caplog)
+    run_fusepool("create", pool, "v", "--size", "1M")
+    with Pool.open(pool) as p:  # an I/O error or a bug stopped it earlier
+        p.write(p.volume("v").dev_id, 0, b"kept")
+        p.commit()
+        p.fail_unexpected("injected for the test")
+    m = make_mount(pool)
+    assert read_all(m.vol("v"), 0, 4) == b"kept"
+    fd = os.open(m.vol("v"), os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as raised:
+            os.pwrite(fd, b"new", 0)
+        assert raised.value.errno == errno.EROFS
+    finally:
+        os.close(fd)
+    proc = run_fusepool("create", pool, "w", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "read-only" in proc.stderr and "needs-check" in proc.stderr
+    assert f"fusepool check {pool}" in proc.stderr and f"fusepool repair {pool}" in proc.stderr
+    assert "Read Only: " in run_fusepool("info", pool).stdout
+    online = run_fusepool("check", pool)  # through the mount: reports the flag, clears nothing
+    assert "flagged needs-check" in online.stdout
+    m.umount()
+    offline = run_fusepool("check", pool)
+    assert "needs-check flag cleared" in offline.stdout, offline.stdout
+    assert "Read Only" not in run_fusepool("info", pool).stdout
+    m.mount()
+    fd = os.open(m.vol("v"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"new", 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert read_all(m.vol("v"), 0, 4) == b"newt"

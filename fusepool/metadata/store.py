@@ -22,7 +22,8 @@ import xxhash
 from fusepool.errors import Corrupt, MetadataFull
 from fusepool.metadata.format import (
     COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, FLAG_NEEDS_CHECK, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
-    PAGE_SPACEMAP, HEADER_SIZE, SUPERBLOCK_SLOTS, Superblock, decode_root, encode_root, pack_page, unpack_page,
+    PAGE_SPACEMAP, HEADER_SIZE, SUPERBLOCK_SLOTS, Superblock, decode_root, encode_root, pack_page,
+    unpack_page,
 )
 from fusepool.metadata.tree import Node
 
