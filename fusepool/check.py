@@ -26,13 +26,13 @@ import xxhash
 from fusepool.config import JOURNAL, METADATA, PoolConfig, PoolLock
 from fusepool.errors import Corrupt, PoolError
 from fusepool.metadata.format import (
-    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
-    PAGE_SPACEMAP, TIME_BITS, TIME_MASK, UNMAPPED, Superblock, decode_root, unpack_page,
+    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, FLAG_NEEDS_CHECK, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_NODE,
+    PAGE_ROOT, PAGE_SIZE, PAGE_SPACEMAP, TIME_BITS, TIME_MASK, UNMAPPED, Superblock, decode_root, unpack_page,
 )
 from fusepool.metadata.journal import Journal
 from fusepool.metadata.spacemap import DataSpaceMap
 from fusepool.metadata.store import MetadataStore, read_superblocks
-from fusepool.metadata.tree import Node
+from fusepool.metadata.tree import Node, Tree, height_for
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Report:
     mappings: int = 0
     data_blocks: int = 0
     used_blocks: int = 0
+    needs_check: bool = False  # the superblock's flag (an I/O or internal error stopped the pool)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -134,6 +135,7 @@ class Checker:
             return False
         txn, slot, sb = max(valid)
         self.sb, self.report.transaction, self.report.slot = sb, txn, slot
+        self.report.needs_check = bool(sb.flags & FLAG_NEEDS_CHECK)
         self.report.data_blocks = sb.nr_data_blocks
         if sb.block_size != self.block_size:
             self.problem("superblock", f"block size {sb.block_size} differs from pool.json ({self.block_size})")
@@ -369,6 +371,10 @@ def check_pool(pool_dir: str, progress: Progress | None = None, slot: int | None
         report = checker.run()
         if checker.state is not None and slot is None:
             check_journal(checker, os.path.join(pool_dir, JOURNAL))
+        if report.needs_check:
+            report.notes.append("the pool is flagged needs-check: an I/O error or an internal error "
+                                "stopped it, and it stays read-only until a clean check of the "
+                                "unmounted pool or `fusepool repair`")
         data_path = os.path.join(pool_dir, "data")
         if report.transaction is not None and os.path.exists(data_path):
             need = report.data_blocks * config.block_size
@@ -419,11 +425,44 @@ def check_journal(checker: Checker, path: str) -> None:
 
 
 def check_offline(pool_dir: str, progress: Progress | None = None) -> Report:
+    """Check an unmounted pool; a clean check clears its needs-check flag.
+
+    That is thin_check --clear-needs-check-flag, which LVM passes by default:
+    the metadata holds nothing wrong, so the pool may be written again.  The
+    flag is cleared by opening the pool and committing (journal replayed).
+    """
+    pool_dir = os.path.abspath(pool_dir)
     lock = PoolLock(pool_dir)
     try:
-        return check_pool(pool_dir, progress)
+        report = check_pool(pool_dir, progress)
+        if report.ok and report.needs_check:
+            lock, held = None, lock
+            _clear_needs_check(pool_dir, held, report)
+        elif report.needs_check:
+            report.notes.append("the pool is flagged needs-check and stays read-only: `fusepool "
+                                "repair` clears the flag")
+        return report
     finally:
+        if lock is not None:
+            lock.release()
+
+
+def _clear_needs_check(pool_dir: str, lock: PoolLock, report: Report) -> None:
+    """Open the pool under ``lock`` (released here) and commit without the flag."""
+    from fusepool.pool import Pool  # (pool.py does not import this module; keep it so)
+
+    try:
+        pool = Pool(pool_dir, PoolConfig.load(pool_dir), lock, False, clear_needs_check=True)
+    except BaseException as exc:
         lock.release()
+        if not isinstance(exc, PoolError):
+            raise
+        report.notes.append(f"the needs-check flag is still set: {exc}")
+        return
+    pool.close()
+    report.needs_check = False
+    report.notes.append(f"needs-check flag cleared: the pool is writable again (transaction "
+                        f"{pool.transaction_id})")
 
 
 # --- repair --------------------------------------------------------------------------------
@@ -471,6 +510,8 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         fixed = [p.message for p in chosen.report.problems]
         state, roots = _rebuild(chosen, said)
         sb = chosen.sb
+        newest = candidates[0][0]
+        _replay_journal(pool_dir, chosen, state, roots, newest, said)
         pool_time = _repair_times(state, roots, sb.time, said)
         _cover_mappings(state, roots, sb.block_size, said)
         new_sb = Superblock(sb.uuid, sb.transaction_id, pool_time, sb.block_size, sb.nr_data_blocks,
@@ -487,7 +528,14 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         except FileNotFoundError:
             pass
         _write_fresh(new_path, new_sb, state, roots, counts)
-        _drop_journal(pool_dir, sb.uuid, candidates[0][0], said)  # it follows a replaced commit
+        # The journal goes once the new metadata is in place (its records are in it, or
+        # dropped above).  Rebuilt from the newest commit, the new transaction is newer
+        # than any record's base, so the records could not replay on top of it even if a
+        # crash kept them.  Rebuilt from an older one, the new transaction may equal the
+        # newest, and records meant for that commit must not replay on this one: they
+        # go first (they could not apply anyway).
+        if sb.transaction_id != newest:
+            _truncate_journal(pool_dir)
         old = os.path.join(pool_dir, METADATA)
         os.replace(old, os.path.join(pool_dir, METADATA + ".damaged"))
         os.replace(new_path, old)
@@ -496,6 +544,7 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        _truncate_journal(pool_dir)
         for message in fixed:
             said.append(f"fixed: {message}")
         said.append(f"wrote new metadata at transaction {new_sb.transaction_id + 1}; the old file "
@@ -505,16 +554,87 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         os.close(fd)
 
 
-def _drop_journal(pool_dir: str, uuid: str, newest_txn: int, said: list[str]) -> None:
-    path = os.path.join(pool_dir, JOURNAL)
-    journal = Journal(path, readonly=True)
+def _replay_journal(pool_dir: str, checker: Checker, state: dict, roots: dict, newest_txn: int,
+                    said: list[str]) -> int:
+    """Apply the journal records that follow the commit being rebuilt; returns how many.
+
+    Records follow the newest commit only: rebuilt from an older one, none can
+    apply.  Each record is checked whole before it applies (as ``check``
+    does); the first that does not fit ends the replay.  Entries are set as
+    logged (shared nodes shadowed, as the write path does); reference and
+    mapped-block counts are recomputed afterwards.
+    """
+    sb = checker.sb
+    journal = Journal(os.path.join(pool_dir, JOURNAL), readonly=True)
     try:
-        pending = journal.read(uuidlib.UUID(uuid).bytes, newest_txn)
+        records = journal.read(uuidlib.UUID(sb.uuid).bytes, newest_txn)
     finally:
         journal.close()
-    if pending:
-        said.append(f"dropped {len(pending)} journal record(s): writes synced after transaction "
+    if not records:
+        return 0
+    if sb.transaction_id != newest_txn:
+        said.append(f"dropped {len(records)} journal record(s): writes synced after transaction "
                     f"{newest_txn} are not in the repaired metadata")
+        return 0
+    bs = checker.block_size
+    devices = {d["dev_id"]: d for d in state["devices"]}
+    tree = Tree(lambda block: None, lambda block: None, lambda page: None)  # counts come later
+    applied = mappings = 0
+    for record in records:
+        problem = _record_problem(record, devices, sb, bs)
+        if problem:
+            said.append(f"dropped {len(records) - applied} journal record(s) from record "
+                        f"{record.seq} on: {problem}")
+            break
+        for dev_id, size, mtime_ns in record.devices:
+            dev = devices[dev_id]
+            if size > dev["size"]:
+                dev["size"] = size
+                roots[dev_id] = tree.grow(roots.get(dev_id), _blocks(size, bs))
+            dev["mtime"] = mtime_ns / 1e9
+        words = record.mappings
+        for i in range(0, len(words), 3):
+            dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
+            level = height_for(_blocks(devices[dev_id]["size"], bs))
+            roots[dev_id], leaf = tree.writable_leaf(roots.get(dev_id), level, vb // FANOUT)
+            leaf.entries[vb % FANOUT] = entry
+        applied += 1
+        mappings += record.nr_mappings
+    if applied:
+        for dev in state["devices"]:
+            dev["mapped_blocks"] = _count_mapped(roots.get(dev["dev_id"]))
+        said.append(f"replayed {applied} journal record(s), {mappings} mapping change(s) synced "
+                    f"after transaction {newest_txn}")
+    return applied
+
+
+def _blocks(size: int, block_size: int) -> int:
+    return max(1, -(-size // block_size))
+
+
+def _record_problem(record, devices: dict, sb: Superblock, block_size: int) -> str | None:
+    """Why a journal record cannot apply to the rebuilt commit, or None."""
+    if record.time != sb.time:
+        return f"pool time {record.time}, the commit's is {sb.time}"
+    sizes = {}
+    for dev_id, size, _mtime in record.devices:
+        if dev_id not in devices:
+            return f"it names device {dev_id}, which does not exist"
+        sizes[dev_id] = max(devices[dev_id]["size"], size)
+    words = record.mappings
+    for i in range(0, len(words), 3):
+        dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
+        size = sizes.get(dev_id, devices[dev_id]["size"] if dev_id in devices else None)
+        if size is None or vb >= _blocks(size, block_size):
+            return f"it maps block {vb} of device {dev_id}, outside every volume"
+        if entry != UNMAPPED and (entry >> TIME_BITS >= sb.nr_data_blocks
+                                  or entry & TIME_MASK > sb.time & TIME_MASK):
+            return f"it maps block {vb} of device {dev_id} to an invalid entry {entry:#x}"
+    return None
+
+
+def _truncate_journal(pool_dir: str) -> None:
+    path = os.path.join(pool_dir, JOURNAL)
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:

@@ -782,7 +782,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("right", metavar="B")
     sp.add_argument("--json", action="store_true")
 
-    sp = add("check", cmd_check, "verify the metadata (exit 1 if problems are found); changes nothing")
+    sp = add("check", cmd_check, "verify the metadata (exit 1 if problems are found); a clean "
+                 "check of an unmounted pool clears its needs-check flag, nothing else changes")
     sp.add_argument("pool", metavar="POOL")
     sp.add_argument("--json", action="store_true")
 

@@ -37,7 +37,7 @@ def _remove(pool, name):
 def _resize(pool, name, size, relative=False):
     dev = pool.volume(name)
     new_size = dev.size + size if relative else size
-    pool.resize(name, new_size)
+    pool.resize(dev.dev_id, new_size)
     return pool.describe(dev, usage=False)
 
 

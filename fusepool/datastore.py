@@ -40,6 +40,17 @@ class DataStoreError(PoolError):
     """The data file or device cannot be used as asked."""
 
 
+class DataReadError(PoolError):
+    """Reading the data image failed, or stopped short before its end (a media error).
+
+    Never served as zeros: the read (or the write whose edges needed it) fails
+    with EIO.  The pool stays writable: like dm-thin, a read error fails the
+    request, not the pool.
+    """
+
+    errno = errno.EIO
+
+
 class DataStoreFull(PoolError):
     """The host has no room for a preallocated data file."""
 
@@ -84,10 +95,43 @@ class DataStore:
 
     def read(self, block: int, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` inside data block ``block`` (may span blocks)."""
-        data = os.pread(self.fd, length, block * self.block_size + offset)
-        if len(data) < length:  # past the end of a sparse image: zeros
-            data += bytes(length - len(data))
+        pos = block * self.block_size + offset
+        try:
+            data = os.pread(self.fd, length, pos)
+        except OSError as exc:
+            raise self._read_error(pos, exc) from None
+        if len(data) < length:
+            return self._read_rest(data, pos, length)
         return data
+
+    def _read_rest(self, data: bytes, pos: int, length: int) -> bytes:
+        """After a short read: the rest, as zeros only past the end of the image."""
+        parts = [data]
+        got = len(data)
+        while got < length:
+            try:
+                more = os.pread(self.fd, length - got, pos + got)
+            except OSError as exc:
+                raise self._read_error(pos + got, exc) from None
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        if got < length:
+            self._check_end(pos + got, length - got)
+            parts.append(bytes(length - got))  # past the end of a sparse image: zeros
+        return b"".join(parts)
+
+    def _check_end(self, pos: int, missing: int) -> None:
+        """A read stopped at ``pos``: fine at the end of the image, EIO before it."""
+        size = self.size() if self.direct else os.fstat(self.fd).st_size
+        if pos < size:
+            raise DataReadError(f"short read from the data {self.path} at byte {pos}: {missing} "
+                                f"bytes missing before its end ({size} bytes); a media error?")
+
+    def _read_error(self, pos: int, exc: OSError) -> DataReadError:
+        return DataReadError(f"reading the data {self.path} at byte {pos} failed: "
+                             f"{exc.strerror or exc}")
 
     def write(self, position: int, buffers: list) -> None:
         """One pwritev of ``buffers`` at byte ``position`` of the image."""
@@ -204,7 +248,8 @@ class DirectDataStore(DataStore):
             flags |= os.O_EXCL  # a block device: nobody may mount or claim it while we use it
         self.fd = open_direct(path, flags)
         self.buffers = AlignedBuffers()
-        self.sector = mmap.mmap(-1, ALIGN)  # the edge sectors of unaligned writes
+        self.sector = mmap.mmap(-1, ALIGN)  # the edge sectors of unaligned writes: first
+        self.tail_sector = mmap.mmap(-1, ALIGN)  # and last
 
     def size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END) if self.is_device else os.fstat(self.fd).st_size
@@ -219,7 +264,7 @@ class DirectDataStore(DataStore):
             while start < end:
                 n = min(end - start, CHUNK)
                 with memoryview(buf) as view:
-                    got = os.preadv(self.fd, [view[:n]], start)
+                    got = self._pread_aligned(view[:n], start)
                     if got < n:  # past the end: zeros, as in a sparse image
                         view[got:n] = bytes(n - got)
                     lo = max(pos - start, 0)
@@ -241,8 +286,13 @@ class DirectDataStore(DataStore):
                 head = position % ALIGN
                 start = position - head  # the image offset of out[0]
                 fill = head
+                # Both edges are read before anything is written: a failed read fails
+                # the write with nothing changed.
+                end = position + sum(memoryview(piece).nbytes for piece in buffers)
+                if end % ALIGN:  # keep the bytes after the write in its last sector
+                    self._read_sector(end - end % ALIGN, self.tail_sector)
                 if head:  # keep the bytes before the write in its first sector
-                    self._read_sector(start)
+                    self._read_sector(start, self.sector)
                     out[:head] = self.sector[:head]
                 for piece in buffers:
                     with memoryview(piece) as src:
@@ -258,18 +308,28 @@ class DirectDataStore(DataStore):
                                 start += CHUNK
                                 fill = 0
                 tail = fill % ALIGN
-                if tail:  # keep the bytes after the write in its last sector
-                    self._read_sector(start + fill - tail)
-                    out[fill : fill + ALIGN - tail] = self.sector[tail:]
+                if tail:
+                    out[fill : fill + ALIGN - tail] = self.tail_sector[tail:]
                     fill += ALIGN - tail
                 if fill:
                     self._write_aligned(out, fill, start)
         finally:
             self.buffers.give(buf)
 
-    def _read_sector(self, position: int) -> None:
-        with memoryview(self.sector) as view:
+    def _pread_aligned(self, view: memoryview, position: int) -> int:
+        """One O_DIRECT read; short only at the end of the device or file (else EIO)."""
+        try:
             got = os.preadv(self.fd, [view], position)
+        except OSError as exc:
+            raise self._read_error(position, exc) from None
+        if got < len(view):
+            self._check_end(position + got, len(view) - got)
+        return got
+
+    def _read_sector(self, position: int, into: mmap.mmap) -> None:
+        """An edge sector of an unaligned write (zeros past the end of the data)."""
+        with memoryview(into) as view:
+            got = self._pread_aligned(view, position)
             if got < ALIGN:
                 view[got:] = bytes(ALIGN - got)
 

@@ -71,6 +71,17 @@ class ReadOnlyPool(PoolError):
     errno = errno.EROFS
 
 
+class PoolFailed(ReadOnlyPool):
+    """An I/O error or an internal error: the pool turned read-only and needs checking.
+
+    What the failed operation itself gets, and a later fsync with unflushed
+    data (EIO, not EROFS: the data is not durable); later changes get a plain
+    :class:`ReadOnlyPool`.
+    """
+
+    errno = errno.EIO
+
+
 class Corrupt(PoolError):
     """Metadata failed a checksum or an invariant: never used silently."""
 

@@ -41,7 +41,12 @@ def fuse_errors(handler):
     """The error boundary: engine errors become errnos; anything else is EIO.
 
     An exception escaping a pyfuse3 handler would kill the mount, so
-    unexpected ones are logged with their traceback and reported as EIO.
+    unexpected ones are logged with their traceback and reported as EIO, and
+    they fail the pool (read-only, needs-check: Pool.fail_unexpected), since
+    the engine may have stopped half-way through a change.  An OSError is not
+    unexpected: the engine turns its own write and flush errors into PoolErrors
+    (failing the pool itself), so what is left is an error to report, such as
+    a read error, which fails the request and not the pool (dm-thin).
     """
 
     @functools.wraps(handler)
@@ -56,8 +61,9 @@ def fuse_errors(handler):
         except OSError as exc:
             log.error("%s: I/O error: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s; the pool should be checked", handler.__name__)
+        except Exception as exc:
+            log.exception("unexpected error in %s", handler.__name__)
+            self.pool.fail_unexpected(f"{type(exc).__name__} in {handler.__name__}: {exc}")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
@@ -159,7 +165,7 @@ class FusepoolOperations(pyfuse3.Operations):
             if attr.st_size < dev.size:
                 log.info("refused to shrink volume %s", dev.name)
                 raise pyfuse3.FUSEError(errno.EPERM)
-            self.pool.resize(dev.name, attr.st_size)
+            self.pool.resize(dev_id, attr.st_size)  # (by id: an unlinked volume may have a namesake)
         if fields.update_mtime:
             dev.mtime = attr.st_mtime_ns / 1e9
         return self._volume_attrs(dev_id)
@@ -232,12 +238,8 @@ class FusepoolOperations(pyfuse3.Operations):
         old, new = self._name(name_old), self._name(name_new)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if new in self.pool.names and old != new:
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            self.pool.volume(old)  # fail before touching the target if the source is gone
-            self.pool.remove(new)
-        self.pool.rename(old, new)
+        # Replacing the target is part of the same commit (a crash shows both or neither).
+        self.pool.rename(old, new, replace=not flags & pyfuse3.RENAME_NOREPLACE)
 
     # --- files -------------------------------------------------------------------------
 

@@ -163,7 +163,8 @@ class Daemon:
         if op == "check":
             from fusepool.check import check_pool
 
-            self.pool.commit()  # check what is in memory, as committed
+            if self.pool.failed is None:  # (a failed pool's memory is not to be committed)
+                self.pool.commit()  # check what is in memory, as committed
             return check_pool(self.pool.path).to_json()
         # No cache invalidation here: directory entries are not cached (entry_timeout 0),
         # and a kernel invalidation blocks in the kernel while a request is pending; a

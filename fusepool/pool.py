@@ -36,7 +36,7 @@ from fusepool.config import DATA, JOURNAL, METADATA, PoolConfig, PoolLock, make_
 from fusepool.datastore import DataStore, DirectDataStore, check_data_device
 from fusepool.errors import (
     BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
-    PoolError, PoolFull, ReadOnlyPool, UsageError, VolumeExists,
+    PoolError, PoolFailed, PoolFull, ReadOnlyPool, UsageError, VolumeExists,
 )
 from fusepool.metadata.format import (
     FANOUT, FLAG_NEEDS_CHECK, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_SIZE, TIME_BITS, TIME_MASK, UNMAPPED, Superblock,
@@ -228,8 +228,13 @@ class Pool:
         return nr_blocks * block_size
 
     @classmethod
-    def open(cls, path: str, readonly: bool = False) -> "Pool":
-        """Open a pool under its exclusive lock (raises PoolBusy when held)."""
+    def open(cls, path: str, readonly: bool = False, clear_needs_check: bool = False) -> "Pool":
+        """Open a pool under its exclusive lock (raises PoolBusy when held).
+
+        A pool flagged needs-check opens read-only (``failed`` says why) unless
+        ``clear_needs_check``: then the flag is cleared by a commit at once
+        (``fusepool check`` does that after a clean check).
+        """
         path = os.path.abspath(path)
         config = PoolConfig.load(path)
         if not os.path.exists(os.path.join(path, METADATA)):
@@ -240,19 +245,23 @@ class Pool:
             hook_refusal = autoextend.untrusted_config(path)
             if not readonly:
                 tighten_pool_dir(path)
-            pool = cls(path, config, lock, readonly)
+            pool = cls(path, config, lock, readonly, clear_needs_check)
         except BaseException:
             lock.release()
             raise
         pool.hook_refusal = hook_refusal
         return pool
 
-    def __init__(self, path: str, config: PoolConfig, lock: PoolLock, readonly: bool):
+    def __init__(self, path: str, config: PoolConfig, lock: PoolLock, readonly: bool,
+                 clear_needs_check: bool = False):
         self.path = path
         self.config = config
         self.lock = lock
         self.readonly = readonly
         self.failed: str | None = None  # set when the pool stops accepting changes
+        # dm-thin's needs_check: an I/O error or an internal error stopped the pool; it
+        # stays read-only, across opens (superblock flag), until check or repair.
+        self.needs_check = False
         try:
             self.store, loaded = MetadataStore.open(os.path.join(path, METADATA), readonly)
         except Corrupt as exc:
@@ -309,9 +318,18 @@ class Pool:
         self.autoextend_stuck_at = 0  # data size (blocks) at which growing was last refused
         self.space_watch = 0
         self._arm_space_watch()
-        if sb.flags & FLAG_NEEDS_CHECK:
-            log.warning("pool %s is flagged needs-check: run `fusepool check`", path)
-        if not readonly:
+        if sb.flags & FLAG_NEEDS_CHECK and clear_needs_check and not readonly:
+            self.store.superblock.flags &= ~FLAG_NEEDS_CHECK  # written by the commit below
+            self.dirty = self.structure_changed = True
+            log.info("pool %s: needs-check flag cleared", path)
+        elif sb.flags & FLAG_NEEDS_CHECK:
+            log.warning("pool %s is flagged needs-check: read-only until `fusepool check` or "
+                        "`fusepool repair`", path)
+            self.needs_check = True
+            self.failed = (f"the pool is flagged needs-check (an I/O error or an internal error "
+                           f"stopped it earlier); {self._check_advice()}")
+            self.dirty = False  # (a journal replayed above is durable already: an fsync succeeds)
+        if not readonly and self.failed is None:
             self.data.grow(self.nr_blocks * self.block_size)
             # Deferred deletions that a crash interrupted are finished now.
             for dev in [d for d in self.devices.values() if d.deleted]:
@@ -345,13 +363,15 @@ class Pool:
         """
         if not self.dirty:
             if self.data_dirty and not self.readonly:  # in-place overwrites: FLUSH the data
-                self.data.flush()
-                self.data_dirty = False
+                if self.needs_check:  # (their earlier flush failed: never report them durable)
+                    raise PoolFailed(f"the pool is read-only: {self.failed}")
+                self._flush_data()
             return self.store.superblock.transaction_id
         self._check_writable()
+        # Data before the metadata that points at it.  A failed flush is never retried:
+        # Linux reports a writeback error once, and the next fdatasync would return 0.
+        self._flush_data()
         try:
-            self.data.flush()
-            self.data_dirty = False
             state = {"next_dev_id": self.next_dev_id,
                      "devices": [d.to_record() for d in self.devices.values()]}
             roots = {d.dev_id: d.root for d in self.devices.values()}
@@ -365,8 +385,8 @@ class Pool:
                 # the commit back, so nothing is damaged: stay writable and retry later.
                 raise PoolFull(f"the host filesystem under {self.path} is full: metadata not "
                                "committed (free space on the host)") from None
-            self._fail(f"commit failed: {exc}")
-            raise ReadOnlyPool(self.failed) from None
+            self._fail_needs_check(f"writing the metadata failed ({exc.strerror or exc})")
+            raise PoolFailed(self.failed) from None
         self.dirty = False
         self.tree.dirtied = 0
         self.commits += 1
@@ -388,19 +408,21 @@ class Pool:
         Data-path changes since the last commit (writes, discards) go to the
         journal: one append and two fdatasyncs, whatever the size of the trees.
         Anything else, a journal grown too long or a journal write that fails
-        takes a full commit.
+        takes a full commit.  A failed flush of the data fails the sync (EIO)
+        and the pool (see :meth:`_flush_data`): it never falls back to a commit.
         """
+        if self.needs_check and (self.dirty or self.data_dirty):
+            raise PoolFailed(f"the pool is read-only: {self.failed}")
         if not self.dirty or not self._journal_fits():
             self.commit()
             return
         self._check_writable()
+        if self.data_dirty:  # (an fdatasync with nothing to write still flushes the disk)
+            self._flush_data()
         try:
-            if self.data_dirty:  # (an fdatasync with nothing to write still flushes the disk)
-                self.data.flush()
-                self.data_dirty = False
             self.journal.append(self._uuid_bytes, self.store.superblock.transaction_id, self.time,
                                 *self._journal_payload())
-        except OSError as exc:
+        except OSError as exc:  # only the journal failed: the commit makes it all durable
             log.info("journal append failed (%s): committing instead", exc)
             self.commit()
             return
@@ -505,6 +527,57 @@ class Pool:
         if self.failed is None:
             log.error("pool %s is now read-only: %s", self.path, reason)
         self.failed = reason
+
+    def _check_advice(self) -> str:
+        return (f"unmount it and run `fusepool check {self.path}` (a clean check clears the flag) "
+                f"or `fusepool repair {self.path}`")
+
+    def _fail_needs_check(self, reason: str) -> None:
+        """Stop for good: read-only, flagged needs-check on disk, nothing committed again.
+
+        dm-thin's answer to an I/O error or an internal error.  Only the flag is
+        written, into the superblock of the last commit (see
+        MetadataStore.mark_needs_check): the state in memory may be half-updated
+        and is never written.  Cleared by a clean ``fusepool check`` or by
+        ``fusepool repair``.
+        """
+        if self.needs_check:
+            return  # (the first cause is the one to report)
+        self.needs_check = True
+        self.failed = None  # (a metadata-full failure, say, is superseded)
+        self._fail(f"{reason}; the pool needs checking: {self._check_advice()}")
+        if self.readonly:
+            return
+        try:
+            self.store.mark_needs_check()
+        except OSError as exc:  # the metadata cannot be written either: memory only
+            log.error("pool %s: could not set the needs-check flag on disk: %s", self.path, exc)
+
+    def fail_unexpected(self, reason: str) -> None:
+        """An adapter caught an exception the engine did not expect (a bug).
+
+        The engine may have stopped half-way through a change (a remap cut
+        short), so the state in memory is not trusted: the pool fails as on
+        an I/O error and the last commit stays the durable state.
+        """
+        self._fail_needs_check(f"unexpected error: {reason}")
+
+    def _flush_data(self) -> None:
+        """fdatasync the data image; a failure fails the pool (PoolFailed, EIO)."""
+        try:
+            self.data.flush()
+        except OSError as exc:
+            self._fail_needs_check(f"flushing the data to {self.data.path} failed "
+                                   f"({exc.strerror or exc}): writes since the last commit may be lost")
+            raise PoolFailed(self.failed) from None
+        self.data_dirty = False
+
+    def _data_write_error(self, exc: OSError) -> PoolError:
+        """What a failed write to the data image becomes: PoolFull, or a failed pool."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return PoolFull(f"the host filesystem under {self.path} is full")
+        self._fail_needs_check(f"writing to the data at {self.data.path} failed ({exc.strerror or exc})")
+        return PoolFailed(self.failed)
 
     def _check_writable(self) -> None:
         if self.readonly:
@@ -645,19 +718,46 @@ class Pool:
         del self.devices[dev.dev_id]
         self.dirty = self.structure_changed = True
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, replace: bool = False) -> bool:
+        """Rename a volume; with ``replace``, a volume already named ``new`` goes.
+
+        The target's removal (deferred while it is open, as in :meth:`remove`)
+        and the rename are one commit: a crash shows both or neither.
+        Returns True when the target's removal is deferred.
+        """
         validate_name(new)
         dev = self.volume(old)
         self._check_writable()
         if old == new:
-            return
+            return False
+        target = None
         if new in self.names:
-            raise VolumeExists(f"a volume named {new!r} already exists")
+            if not replace:
+                raise VolumeExists(f"a volume named {new!r} already exists")
+            target = self.devices[self.names[new]]
+            target.deleted = True
         del self.names[old]
         dev.name = new
         self.names[new] = dev.dev_id
         self.dirty = self.structure_changed = True
-        self.commit()
+        try:
+            self.commit()
+        except PoolError:
+            dev.name = old  # not durable, so not done
+            self.names[old] = dev.dev_id
+            if target is not None:
+                target.deleted = False
+                self.names[new] = target.dev_id
+            else:
+                del self.names[new]
+            raise
+        if target is None:
+            return False
+        if target.open_count:
+            return True
+        self._drop_device(target)
+        self._commit_quietly()
+        return False
 
     def set_mode(self, dev_id: int, mode: int) -> Device:
         """chmod of a volume in the mount: permission bits only; durable before it returns."""
@@ -674,14 +774,18 @@ class Pool:
                 raise
         return dev
 
-    def resize(self, name: str, size: int) -> Device:
-        """Grow a volume (online).  Shrinking is refused: data would be lost."""
-        dev = self.volume(name)
+    def resize(self, dev_id: int, size: int) -> Device:
+        """Grow a device (online).  Shrinking is refused: data would be lost.
+
+        By device id, as every call from an open handle: a volume removed while
+        open may have a new namesake (only the command layer resolves names).
+        """
+        dev = self.device(dev_id)
         self._check_size(size)
         self._check_writable()
         if size < dev.size:
-            raise InvalidArgument(f"cannot shrink volume {name!r} from {dev.size} to {size} bytes: "
-                                  "volumes only grow")
+            raise InvalidArgument(f"cannot shrink volume {dev.name!r} from {dev.size} to {size} "
+                                  "bytes: volumes only grow")
         if size > dev.size:
             self._zero_tail(dev)
             self._grow_device(dev, size)
@@ -839,9 +943,7 @@ class Pool:
                 try:
                     self.data.write_one(block * bs + offset - vb * bs, data)
                 except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise PoolFull(f"the host filesystem under {self.path} is full") from None
-                    raise
+                    raise self._data_write_error(exc) from None
                 dev.mtime = wallclock.time()
                 return length
         if offset > dev.size:
@@ -895,7 +997,11 @@ class Pool:
             elif whole:  # shared, and all of it rewritten: nothing to copy
                 buf = piece
             else:  # shared: copy the block, unless the copy would be all zeros
-                buf = bytearray(self.data.read(block, 0, bs))
+                try:
+                    buf = bytearray(self.data.read(block, 0, bs))
+                except PoolError:  # a read error (EIO): this write fails, nothing changed
+                    self._undo_allocations(allocated)
+                    raise
                 buf[lo:hi] = piece
                 if zero and buf == self.zero_block:
                     if not remap and not allocated:
@@ -929,14 +1035,15 @@ class Pool:
         try:
             self.data_dirty = True
             self._write_runs(io)
+            for vb, block in maybe_zero:  # (the kernel splits zero writes at page boundaries)
+                if self.data.read(block, 0, bs) == self.zero_block:
+                    remap.append((vb, UNMAPPED))
         except OSError as exc:
             self._undo_allocations(allocated)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise PoolFull(f"the host filesystem under {self.path} is full") from None
+            raise self._data_write_error(exc) from None
+        except PoolError:  # a read failed (DataReadError): nothing remapped
+            self._undo_allocations(allocated)
             raise
-        for vb, block in maybe_zero:  # (the kernel splits zero writes at page boundaries)
-            if self.data.read(block, 0, bs) == self.zero_block:
-                remap.append((vb, UNMAPPED))
         # Apply: only now do size and mappings change (no I/O can fail after this point).
         if offset + written > dev.size:
             self._grow_device(dev, offset + written)
@@ -1043,15 +1150,15 @@ class Pool:
             raise UsageError(f"metadata space too small for {nr_blocks} data blocks: extend it to at "
                              f"least {bytes_size(min_metadata_pages(nr_blocks) * PAGE_SIZE)} too "
                              "(--metadata-size)")
-        if self.failed is not None and not (meta_pages > self.store.superblock.nr_meta_pages
-                                            and "metadata" in self.failed):
+        if self.failed is not None and (self.needs_check or not (
+                meta_pages > self.store.superblock.nr_meta_pages and "metadata" in self.failed)):
             self._check_writable()
         if nr_blocks > self.nr_blocks:  # the data first: a device too small or a host too
             self.data.grow(nr_blocks * self.block_size)  # full for a preallocated file stop here
         if meta_pages > self.store.superblock.nr_meta_pages:
             self.store.grow(meta_pages)
             self.dirty = self.structure_changed = True
-            if self.failed is not None and "metadata" in self.failed:
+            if self.failed is not None and "metadata" in self.failed and not self.needs_check:
                 log.info("metadata extended: pool %s is writable again", self.path)
                 self.failed = None
         if nr_blocks > self.nr_blocks:

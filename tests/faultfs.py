@@ -28,12 +28,24 @@ page *torn* between two consecutive versions at a 512-byte sector boundary
 A hook (:attr:`FaultFS.on_event`) is called *before* every tracked
 operation, so a test can take a crash image at any point of a workload
 without stopping it (the image is a side copy; the run goes on).
+
+I/O errors, beyond power cuts:
+
+- :meth:`FaultFS.fail_next_sync`: the next ``fdatasync``/``fsync`` of a tracked
+  file fails with a given errno.  As on Linux, the error is reported once:
+  the writes pending at that moment are dropped (the page cache marks them
+  clean after the failed writeback), so they never become durable, and the
+  syncs after it return 0.
+- :meth:`FaultFS.short_reads`: a ``pread``/``preadv`` of a tracked file that
+  reaches into a bad byte range stops short before it (a media error part-way
+  through a read).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import errno as _errno
 import importlib
 import os as _os
 import random
@@ -47,7 +59,8 @@ _PUNCH_HOLE = 0x02
 _CHUNK = 64 << 10
 
 # Modules whose ``os`` name is replaced (the engine's file I/O lives there).
-ENGINE_MODULES = ("fusepool.datastore", "fusepool.metadata.store", "fusepool.config")
+ENGINE_MODULES = ("fusepool.datastore", "fusepool.metadata.store", "fusepool.metadata.journal",
+                  "fusepool.config")
 
 
 @dataclass
@@ -170,10 +183,20 @@ class _OsProxy:
 
     def __init__(self, fs: FaultFS):
         self._fs = fs
-        self.pread = _os.pread  # the hot read path goes straight through
+        self.pread = _os.pread  # the hot read path goes straight through (until short_reads)
 
     def __getattr__(self, name):
         return getattr(_os, name)
+
+    def _pread_checked(self, fd, length, offset):
+        data = _os.pread(fd, length, offset)
+        cut = self._fs._read_cut(fd, offset, len(data))
+        return data if cut is None else data[:cut]
+
+    def preadv(self, fd, buffers, offset, *args):
+        got = _os.preadv(fd, buffers, offset, *args)
+        cut = self._fs._read_cut(fd, offset, got)
+        return got if cut is None else cut
 
     def open(self, path, flags, mode=0o777, *, dir_fd=None):
         fd = _os.open(path, flags, mode, dir_fd=dir_fd)
@@ -188,10 +211,10 @@ class _OsProxy:
         f = self._fs._fds.get(fd)
         if f is None:
             return _os.pwrite(fd, data, offset)
-        data = bytes(data)
-        self._fs._event("pwrite", f, offset, len(data), data)
-        n = _os.pwrite(fd, data, offset)
-        f.pending.append(("w", offset, data[:n]))
+        copy = bytes(data)
+        self._fs._event("pwrite", f, offset, len(copy), copy)
+        n = _os.pwrite(fd, data, offset)  # the caller's buffer: O_DIRECT needs its alignment
+        f.pending.append(("w", offset, copy[:n]))
         return n
 
     def pwritev(self, fd, buffers, offset, *args):
@@ -230,6 +253,13 @@ class _OsProxy:
         if f is None:
             return real(fd) if self._fs.real_sync else None
         self._fs._event(kind, f, 0, 0)
+        fault = self._fs._sync_faults.pop(f.name, None)
+        if fault is not None:
+            err, lose_pending = fault
+            if lose_pending:
+                f.pending = []
+            self._fs.failed_syncs += 1
+            raise OSError(err, _os.strerror(err))
         if self._fs.real_sync:
             real(fd)
         f.sync()
@@ -275,11 +305,15 @@ class FaultFS:
         self.on_event: Callable[[Event], None] | None = None
         self._saved: list[tuple[object, str, object]] = []
         self._in_hook = False
+        self._proxy: _OsProxy | None = None
+        self._sync_faults: dict[str, tuple[int, bool]] = {}  # file name -> (errno, lose pending)
+        self.failed_syncs = 0
+        self._bad_ranges: dict[str, tuple[int, int]] = {}  # file name -> [start, end) that reads stop at
 
     # --- installing ------------------------------------------------------------
 
     def install(self) -> FaultFS:
-        proxy = _OsProxy(self)
+        proxy = self._proxy = _OsProxy(self)
         for name in ENGINE_MODULES:
             module = importlib.import_module(name)
             self._saved.append((module, "os", module.os))
@@ -331,6 +365,39 @@ class FaultFS:
                 self.on_event(event)
             finally:
                 self._in_hook = False
+
+    # --- I/O errors --------------------------------------------------------------
+
+    def fail_next_sync(self, name: str, err: int = _errno.EIO, lose_pending: bool = True) -> None:
+        """The next fdatasync/fsync of tracked file ``name`` raises OSError(``err``).
+
+        With ``lose_pending`` the writes pending then are dropped, never to be
+        durable (Linux: pages whose writeback failed are marked clean); later
+        syncs succeed, as Linux reports a writeback error once per open file.
+        """
+        self._sync_faults[name] = (err, lose_pending)
+
+    def short_reads(self, name: str, start: int, end: int) -> None:
+        """Reads of tracked file ``name`` reaching into bytes [start, end) stop short at ``start``."""
+        self._bad_ranges[name] = (start, end)
+        if self._proxy is not None:
+            self._proxy.pread = self._proxy._pread_checked
+
+    def clear_read_faults(self) -> None:
+        self._bad_ranges = {}
+        if self._proxy is not None:
+            self._proxy.pread = _os.pread
+
+    def _read_cut(self, fd: int, offset: int, got: int) -> int | None:
+        """How many of ``got`` bytes read at ``offset`` a read fault lets through (None: all)."""
+        f = self._fds.get(fd)
+        bad = self._bad_ranges.get(f.name) if f is not None else None
+        if bad is None or not got:
+            return None
+        start, end = bad
+        if offset + got <= start or offset >= end:
+            return None
+        return max(0, start - offset)
 
     def pending_ops(self) -> int:
         return sum(len(f.pending) for f in self.files.values())

@@ -315,7 +315,7 @@ class RandomRun:
             size = (FANOUT + self.rng.randint(1, 30)) * self.bs
         else:
             size = model.size + self.rng.randint(0, 4 * self.bs)
-        self.pool.resize(name, size)
+        self.pool.resize(self.pool.volume(name).dev_id, size)
         model.size = size
         self.log.append(f"resize {name!r} {size}")
 
@@ -679,7 +679,7 @@ def test_snapshot_of_empty_and_of_growing_volume(tmp_path):
         a = pool.create_volume("a", 10 * BS)
         pool.write(a.dev_id, 0, pattern(7, 10 * BS))
         pool.snapshot("a", "s")
-        pool.resize("a", (FANOUT + 5) * BS)
+        pool.resize(pool.volume("a").dev_id, (FANOUT + 5) * BS)
         assert pool.volume("a").root.level == 1
         pool.write(a.dev_id, (FANOUT + 2) * BS, b"far")
         pool.write(a.dev_id, 0, b"near")
@@ -692,7 +692,7 @@ def test_snapshot_of_empty_and_of_growing_volume(tmp_path):
         assert pool.read(a.dev_id, (FANOUT + 2) * BS, 3) == b"far"
         check_invariants(pool)
         # Growing the snapshot too.
-        pool.resize("s", (FANOUT + 50) * BS)
+        pool.resize(pool.volume("s").dev_id, (FANOUT + 50) * BS)
         pool.write(s.dev_id, (FANOUT + 2) * BS, b"snap")
         assert pool.read(a.dev_id, (FANOUT + 2) * BS, 3) == b"far"
         check_invariants(pool)
@@ -1121,7 +1121,7 @@ def test_namespace_changes_are_durable_at_once(tmp_path):
     pool.create_volume("b", BS)
     pool.snapshot("a", "a-snap")
     pool.rename("b", "c")
-    pool.resize("c", 5 * BS)
+    pool.resize(pool.volume("c").dev_id, 5 * BS)
     pool.create_volume("gone", BS)
     pool.remove("gone")
     crash(pool)
@@ -1468,7 +1468,7 @@ def test_unknown_volumes(busy_pool):
     state = pool_state(pool)
     for call in (lambda: pool.volume("nope"), lambda: pool.remove("nope"),
                  lambda: pool.snapshot("nope", "x"), lambda: pool.rename("nope", "x"),
-                 lambda: pool.resize("nope", BS), lambda: pool.read(9999, 0, 1),
+                 lambda: pool.resize(9999, BS), lambda: pool.read(9999, 0, 1),
                  lambda: pool.write(9999, 0, b"x"), lambda: pool.discard(9999, 0, 1),
                  lambda: pool.open_device(9999)):
         with pytest.raises(NoSuchVolume):
@@ -1481,14 +1481,14 @@ def test_bad_sizes_and_offsets(busy_pool):
     v = pool.volume("v")
     state = pool_state(pool)
     with pytest.raises(InvalidArgument, match="shrink"):
-        pool.resize("v", 4 * BS - 1)
+        pool.resize(pool.volume("v").dev_id, 4 * BS - 1)
     with pytest.raises(InvalidArgument):
-        pool.resize("v", 0)
+        pool.resize(pool.volume("v").dev_id, 0)
     for size in (-1, MAX_VOLUME_SIZE + 1, 1.5, "10G"):
         with pytest.raises(UsageError):
             pool.create_volume("new", size)
         with pytest.raises(UsageError):
-            pool.resize("v", size)
+            pool.resize(pool.volume("v").dev_id, size)
     with pytest.raises(InvalidArgument):
         pool.write(v.dev_id, -1, b"x")
     with pytest.raises(InvalidArgument):
@@ -1496,7 +1496,7 @@ def test_bad_sizes_and_offsets(busy_pool):
     with pytest.raises(InvalidArgument):
         pool.read(v.dev_id, 0, -1)
     assert pool_state(pool) == state
-    pool.resize("v", 4 * BS)  # same size: fine, no change
+    pool.resize(pool.volume("v").dev_id, 4 * BS)  # same size: fine, no change
     assert pool_state(pool) == state
 
 
@@ -1907,7 +1907,7 @@ def test_read_only_after_metadata_full_refuses_changes_and_keeps_commit(tmp_path
     assert pool.stats()["read_only"]
     for call in (lambda: pool.write(v.dev_id, 0, b"x"), lambda: pool.create_volume("new", BS),
                  lambda: pool.snapshot("v", "s2"), lambda: pool.remove("s"),
-                 lambda: pool.discard(v.dev_id, 0, BS), lambda: pool.resize("v", v.size + BS),
+                 lambda: pool.discard(v.dev_id, 0, BS), lambda: pool.resize(v.dev_id, v.size + BS),
                  lambda: pool.commit()):
         with pytest.raises(ReadOnlyPool):
             call()

@@ -460,7 +460,7 @@ class Workload:
         size = self.models[name].size + self.rng.randint(1, 2 * BS)
         self.trace.append(f"resize {name} {size}")
         txn0 = self.pool.transaction_id
-        self.pool.resize(name, size)
+        self.pool.resize(self.pool.volume(name).dev_id, size)
         self.models[name].size = size
         self.recorded(txn0)
 
@@ -623,7 +623,7 @@ def _scripted(pool, mark) -> None:
     pool.write(s2.dev_id, 5, b"s2")
     pool.remove("s")  # commits: s's exclusive blocks are freed and punched
     mark()
-    pool.resize("v", 8 * BS)
+    pool.resize(pool.volume("v").dev_id, 8 * BS)
     mark()
     pool.write(v.dev_id, 7 * BS, b"tail")
     pool.rename("v", "w")
@@ -796,7 +796,7 @@ def test_growing_a_volume_after_a_crash_reads_zeros(tmp_path, fs, grow):
         v = pool.volume("v")
         assert v.size == 1000
         if grow == "resize":
-            pool.resize("v", 2 * BS)
+            pool.resize(pool.volume("v").dev_id, 2 * BS)
         else:
             pool.write(v.dev_id, 1500, b"x")
         got = pool.read(v.dev_id, 1000, 400)

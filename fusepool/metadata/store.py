@@ -21,8 +21,9 @@ import xxhash
 
 from fusepool.errors import Corrupt, MetadataFull
 from fusepool.metadata.format import (
-    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, PAGE_NODE, PAGE_ROOT, PAGE_SIZE, PAGE_SPACEMAP,
-    HEADER_SIZE, SUPERBLOCK_SLOTS, Superblock, decode_root, encode_root, pack_page, unpack_page,
+    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, FLAG_NEEDS_CHECK, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
+    PAGE_SPACEMAP, HEADER_SIZE, SUPERBLOCK_SLOTS, Superblock, decode_root, encode_root, pack_page,
+    unpack_page,
 )
 from fusepool.metadata.tree import Node
 
@@ -283,6 +284,25 @@ class MetadataStore:
         self.superblock = sb
         self.keep_reserve()
         return txn
+
+    def mark_needs_check(self) -> None:
+        """Set the needs-check flag in the superblock of the last commit, in place.
+
+        Only that page is written, so the flag lands on the state the last
+        commit made durable and never on anything changed in memory since.  A
+        commit that failed after writing the next superblock (its last flush
+        failed) may have left a newer one that opening would prefer: it is
+        flagged too.  Later commits carry the flag on (``superblock.flags``).
+        """
+        base = self.superblock.transaction_id
+        for slot, sb in read_superblocks(self.fd):
+            if (isinstance(sb, Superblock) and sb.uuid == self.superblock.uuid
+                    and sb.transaction_id >= base and not sb.flags & FLAG_NEEDS_CHECK):
+                sb.flags |= FLAG_NEEDS_CHECK
+                if os.pwrite(self.fd, sb.pack(), slot * PAGE_SIZE) != PAGE_SIZE:
+                    raise OSError(errno.ENOSPC, "short write to the metadata file")
+        os.fdatasync(self.fd)
+        self.superblock.flags |= FLAG_NEEDS_CHECK
 
     def keep_reserve(self) -> None:
         """Keep RESERVE_PAGES of host space allocated beyond the highest page in use.
