@@ -11,6 +11,7 @@ so short commands start fast.
 import argparse
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -131,6 +132,7 @@ def cmd_mount(a) -> None:
         "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
         "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else []) + (
         ["--writeback-cache"] if a.writeback_cache else []) + (
+        ["--nonempty"] if a.nonempty else []) + (
         ["--no-space-timeout", str(a.no_space_timeout)] if a.no_space_timeout is not None else [])
     log_path = os.path.join(pool_dir, "fusepool.log")
     with open(log_path, "ab") as log_file:
@@ -167,7 +169,8 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
 
     try:
         serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other,
-              no_space_timeout=a.no_space_timeout, writeback_cache=a.writeback_cache)
+              no_space_timeout=a.no_space_timeout, writeback_cache=a.writeback_cache,
+              nonempty=a.nonempty)
     except PoolError as exc:
         if ready_file and not ready_file.closed:
             ready_file.write(f"error {exc.exit_status}: {exc}\n")
@@ -268,7 +271,7 @@ def cmd_resize(a) -> None:
     relative = text.startswith("+")
     if text.startswith("-"):
         raise UsageError("volumes cannot shrink")
-    size = parse_size(text.lstrip("+"))
+    size = parse_size(text.removeprefix("+"))  # "++1M" stays invalid
     path = cached_volume(a.pool, a.name)
     if path is not None:  # the kernel owns the size of a cached volume: resize through it
         current = os.stat(path).st_size
@@ -659,6 +662,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--writeback-cache", action="store_true",
                     help="let the kernel cache writes (faster small writes; out-of-space errors "
                          "then show at fsync or close: see docs/performance.md)")
+    sp.add_argument("--nonempty", action="store_true",
+                    help="mount even if MOUNTPOINT holds files (the mount hides them)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     sp = add("umount", cmd_umount, "commit, unmount and wait for the daemon to exit")
@@ -807,14 +812,21 @@ def add_space_options(sp, changing: bool = False) -> None:
                     + (" ('' removes it)" if changing else ""))
 
 
-def _checked_number(convert, kind: str, ok, rule: str):
-    """An argparse type: ``convert`` the text, then require ``ok(value)`` (else say ``rule``)."""
+def _checked_number(convert, kind: str, ok, rule: str, pattern: str):
+    """An argparse type: ``convert`` the text, then require ``ok(value)`` (else say ``rule``).
+
+    The text must match ``pattern`` first (ASCII digits, an optional minus, a decimal
+    point for floats): float() and int() would also take ' 12', '1_0', '١٢', 'inf' and
+    'nan', and a non-finite float would end up in pool.json as non-JSON ``Infinity``.
+    """
+    syntax = re.compile(pattern, re.ASCII)
 
     def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if len(text) > 100 or not syntax.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"not {kind}: {text[:100]!r}")
+        value = convert(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}")
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{rule}: {text!r}")
         return value
@@ -822,9 +834,13 @@ def _checked_number(convert, kind: str, ok, rule: str):
     return parse
 
 
-positive_float = _checked_number(float, "a number", lambda v: v > 0, "must be positive")
-non_negative_float = _checked_number(float, "a number", lambda v: v >= 0, "must not be negative")
-non_negative_int = _checked_number(int, "a whole number", lambda v: v >= 0, "must not be negative")
+_FLOAT = r"-?[0-9]+(?:\.[0-9]+)?"
+positive_float = _checked_number(float, "a number", lambda v: v > 0, "must be positive", _FLOAT)
+non_negative_float = _checked_number(float, "a number", lambda v: v >= 0, "must not be negative",
+                                     _FLOAT)
+# Block counts are 40-bit (data block numbers share a u64 with a 24-bit time).
+non_negative_int = _checked_number(int, "a whole number", lambda v: 0 <= v < 1 << 40,
+                                   "must be a block count from 0 to 2^40-1", r"-?[0-9]+")
 
 
 # Commands that usually just talk to a running daemon; logging is set up for them only
@@ -854,6 +870,12 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         status = args.func(args)
+        sys.stdout.flush()  # a closed stdout shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        if not stdout_closed():
+            print("fusepool: error: broken pipe", file=sys.stderr)
+            return 1
+        return die_of_sigpipe()
     except PoolError as exc:
         print(f"fusepool: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -864,3 +886,33 @@ def main(argv: list[str] | None = None) -> int:
               + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1
     return status or 0
+
+
+def stdout_closed() -> bool:
+    """True when nothing reads our stdout any more (the reader of a pipe is gone)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def die_of_sigpipe() -> int:
+    """End as coreutils do when their reader goes (``seq 100000 | head -1``): silently,
+    killed by SIGPIPE, so a shell sees status 141.
+
+    Python ignores SIGPIPE and raises BrokenPipeError instead; stdout goes to
+    /dev/null first so that the interpreter's final flush cannot complain either.
+    """
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.stderr.flush()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return 128 + signal.SIGPIPE  # (not reached: the signal ends the process)
