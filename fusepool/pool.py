@@ -32,7 +32,7 @@ from array import array
 from dataclasses import dataclass, field
 
 from fusepool import __version__, autoextend
-from fusepool.config import DATA, JOURNAL, METADATA, PoolConfig, PoolLock
+from fusepool.config import DATA, JOURNAL, METADATA, BadConfig, PoolConfig, PoolLock
 from fusepool.datastore import DataStore, DirectDataStore, check_data_device
 from fusepool.errors import (
     BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
@@ -245,6 +245,9 @@ class Pool:
             raise Corrupt(f"pool metadata is damaged ({exc}); run `fusepool check {path}` "
                           f"and `fusepool repair {path}`") from None
         sb = loaded.superblock
+        if sb.uuid != config.uuid:  # pool.json belongs to another pool's metadata
+            self.store.close()
+            raise BadConfig(f"{path}/pool.json: uuid: {config.uuid} differs from the metadata's {sb.uuid}")
         if sb.block_size != config.block_size:
             raise Corrupt(f"block size in metadata ({sb.block_size}) differs from pool.json")
         self.block_size = sb.block_size
