@@ -102,6 +102,11 @@ def validate_name(name: str) -> str:
             " (reserved for the mount's control file)" if name == CONTROL_NAME else ""))
     if "/" in name or "\0" in name:
         raise UsageError(f"invalid volume name {name!r}: it may not contain '/' or NUL")
+    # Control characters (a newline would forge lines in `list`) and bytes that are not
+    # UTF-8 (they arrive as lone surrogates, which no JSON reply or terminal can carry).
+    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in name):
+        raise UsageError(f"invalid volume name {name!r}: control characters and bytes that "
+                         "are not UTF-8 are not allowed")
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         raise UsageError(f"invalid volume name: longer than {MAX_NAME_BYTES} bytes")
     return name

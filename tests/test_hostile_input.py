@@ -280,7 +280,7 @@ def test_restore_checks_every_number_against_the_field_widths(tmp_path, case):
 BAD_XML = {
     "not-xml": "\x00\x01\x02 binary garbage",
     "empty": "",
-    "deep": "<superblock " + XML.split("<superblock ")[1].split(">")[0] + ">"
+    "deep": XML.format(tx=2).split("\n")[0]
             + "<device>" * 200_000 + "</device>" * 200_000 + "</superblock>",
     "entities": ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
                  + "".join(f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10 if i else "&lol;" * 10}">'
