@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 
@@ -535,8 +536,15 @@ def cmd_import(a) -> None:
 
     pool_dir = os.path.abspath(a.pool)
     config = require_pool(pool_dir)
-    try:
-        image_size = os.stat(a.file).st_size
+    try:  # a file or a block device; a FIFO would block the open with the pool locked
+        st = os.stat(a.file)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"{a.file} is not a file or a block device")
+        image_size = st.st_size
+        if stat.S_ISBLK(st.st_mode):  # whose st_size is 0
+            from fusepool.interop.thin_xml import image_size as device_size
+
+            image_size = device_size(a.file)
     except OSError as exc:
         raise UsageError(f"{a.file}: {exc.strerror}") from None
     size = max(parse_size(a.size) if a.size else 0, image_size)
@@ -546,7 +554,8 @@ def cmd_import(a) -> None:
         try:
             fd = os.open(os.path.join(status["mountpoint"], a.name), os.O_WRONLY)
             try:
-                stored = import_image(a.file, config.block_size, lambda off, d: _pwrite_all(fd, d, off))
+                stored = import_image(a.file, config.block_size, lambda off, d: _pwrite_all(fd, d, off),
+                                      size=image_size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -560,7 +569,8 @@ def cmd_import(a) -> None:
             dev = pool.create_volume(a.name, size)
             try:
                 stored = import_image(a.file, pool.block_size,
-                                      lambda off, d: _engine_write_all(pool, dev.dev_id, off, d))
+                                      lambda off, d: _engine_write_all(pool, dev.dev_id, off, d),
+                                      size=image_size)
                 pool.commit()
             except BaseException:
                 pool.remove(a.name)

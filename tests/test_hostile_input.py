@@ -432,7 +432,8 @@ def test_import_of_a_file_that_ends_before_its_size_fails_and_leaves_no_volume(p
     pool lock) and leave an empty volume when killed.
     """
     src = "/sys/devices/system/cpu/online"
-    assert os.stat(src).st_size > len(open(src, "rb").read())
+    with open(src, "rb") as f:
+        assert os.stat(src).st_size > len(f.read())
     before = state(pool)
     line = one_line_error(run_fusepool("import", pool, "v", src, check=False, timeout=30), 1)
     assert "shr" in line or "ended" in line, line
