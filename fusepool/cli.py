@@ -848,9 +848,16 @@ _FLOAT = r"-?[0-9]+(?:\.[0-9]+)?"
 positive_float = _checked_number(float, "a number", lambda v: v > 0, "must be positive", _FLOAT)
 non_negative_float = _checked_number(float, "a number", lambda v: v >= 0, "must not be negative",
                                      _FLOAT)
-# Block counts are 40-bit (data block numbers share a u64 with a 24-bit time).
-non_negative_int = _checked_number(int, "a whole number", lambda v: 0 <= v < 1 << 40,
-                                   "must be a block count from 0 to 2^40-1", r"-?[0-9]+")
+_whole_number = _checked_number(int, "a whole number", lambda v: v >= 0, "must not be negative",
+                                r"-?[0-9]+")
+
+
+def non_negative_int(text: str) -> int:
+    """A block count: 40-bit (data block numbers share a u64 with a 24-bit time)."""
+    value = _whole_number(text)
+    if value >= 1 << 40:
+        raise argparse.ArgumentTypeError(f"more blocks than a pool can have (2^40): {text[:60]!r}")
+    return value
 
 
 # Commands that usually just talk to a running daemon; logging is set up for them only

@@ -15,7 +15,8 @@ from fusepool.errors import UsageError
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 # ASCII digits only (``\d`` would take any script's digits), no sign, no exponent, no
 # spaces: what a user means by a size, and nothing a float or int() parser also takes.
-_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGTP]?)(?:I?B)?", re.IGNORECASE | re.ASCII)
+# One space may separate number and unit: fusepool's own messages print "528 KiB".
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(?: ?([KMGTP](?:I?B)?|B))?", re.IGNORECASE | re.ASCII)
 _PERCENT_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)%?", re.ASCII)
 MAX_SIZE = (1 << 63) - 1  # the largest file offset (off_t); every size fusepool takes is below
 
@@ -29,7 +30,8 @@ def parse_size(text: str) -> int:
     match = _SIZE_RE.fullmatch(str(text))
     if not match:
         raise UsageError(f"invalid size {text!r}: use a number with an optional K, M, G, T, P suffix")
-    number, suffix = match.groups()
+    number, unit = match.groups()
+    suffix = unit[0] if unit else ""
     whole, _, frac = number.partition(".")
     # Cheap bounds before exact arithmetic on absurdly long digit strings: 20 significant
     # integer digits already exceed MAX_SIZE, and a whole number of bytes needs at most 50

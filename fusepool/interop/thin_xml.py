@@ -136,7 +136,7 @@ def _int(elem, name: str, where: str, limit: int, default: int | None = None) ->
     value = int(text)
     if value > limit:
         raise UsageError(f"{where}: attribute {name}={value} is larger than {limit}, the most "
-                         "its field holds")
+                         f"its field holds ({limit.bit_length()}-bit)")
     return value
 
 
