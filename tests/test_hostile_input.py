@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import FUSEPOOL, SMALL_POOL, fusepool_json, is_mounted, lazy_unmount, require, run_fusepool
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -196,7 +195,8 @@ def test_unicode_names_are_fine(pool):
 # --- restore: XML and names files ---------------------------------------------------------------
 
 XML = """\
-<superblock uuid="" time="1" transaction="{tx}" flags="0" version="2" data_block_size="128" nr_data_blocks="64">
+<superblock uuid="" time="1" transaction="{tx}" flags="0" version="2" data_block_size="128" \
+nr_data_blocks="64">
   <device dev_id="1" mapped_blocks="1" transaction="0" creation_time="0" snap_time="1">
     <single_mapping origin_block="0" data_block="0" time="0"/>
   </device>
@@ -395,10 +395,10 @@ BAD_DOCKER = {
     "size-float": '{"device_id": 2, "size": 1.5}',
     "size-string": '{"device_id": 2, "size": "10G"}',
     "size-negative": '{"device_id": 2, "size": -1}',
-    "size-huge": '{"device_id": 2, "size": %d}' % 2**61,
+    "size-huge": f'{{"device_id": 2, "size": {2**61}}}',
     "id-bool": '{"device_id": true, "size": 1}',
     "id-string": '{"device_id": "2", "size": 1}',
-    "id-2^24": '{"device_id": %d, "size": 1}' % 2**24,
+    "id-2^24": f'{{"device_id": {2**24}, "size": 1}}',
     "deep-array": DEEP,
     "deep-in-object": '{"device_id": 2, "size": 1, "x": ' + DEEP + "}",
     "list": "[]",
@@ -580,8 +580,8 @@ def test_a_closed_stdout_ends_quietly_as_coreutils_do(pool, tmp_path):
     """`fusepool list POOL | head -1`: killed by SIGPIPE and silent, like `seq 100000 | head -1`."""
     run_fusepool("create", pool, "v", "--size", "1M")
     big = tmp_path / "big.xml"  # a dump far larger than a pipe's buffer
-    lines = [f'<superblock uuid="" time="0" transaction="1" flags="0" version="2" '
-             f'data_block_size="128" nr_data_blocks="4096">', '  <device dev_id="1" mapped_blocks="2000" '
+    lines = ['<superblock uuid="" time="0" transaction="1" flags="0" version="2" '
+             'data_block_size="128" nr_data_blocks="4096">', '  <device dev_id="1" mapped_blocks="2000" '
              'transaction="0" creation_time="0" snap_time="0">']
     lines += [f'    <single_mapping origin_block="{2 * i}" data_block="{i}" time="0"/>' for i in range(2000)]
     lines += ["  </device>", "</superblock>"]
