@@ -25,6 +25,7 @@ runs on the thread serving FUSE: the mount daemon starts it as a trio task
 import logging
 import math
 import os
+import re
 import subprocess
 
 from fusepool.errors import UsageError
@@ -60,11 +61,12 @@ def _number(value, what: str) -> float:
     if isinstance(value, int | float):
         number = float(value)
     else:
-        text = str(value).strip().removesuffix("%").strip()
-        try:
-            number = float(text)
-        except ValueError:
-            raise UsageError(f"invalid {what} {value!r}: not a number") from None
+        # ASCII digits and a decimal point only: float() would also take '1_0', '١٢',
+        # ' 1' and 'inf'.
+        match = re.fullmatch(r"(-?[0-9]{1,30}(?:\.[0-9]{1,30})?)%?", str(value), re.ASCII)
+        if not match:
+            raise UsageError(f"invalid {what} {str(value)[:40]!r}: not a number")
+        number = float(match.group(1))
     if not math.isfinite(number):
         raise UsageError(f"invalid {what} {value!r}")
     return number

@@ -11,8 +11,10 @@ so short commands start fast.
 import argparse
 import errno
 import json
+import math
 import os
 import re
+import stat
 import sys
 import time
 
@@ -138,6 +140,7 @@ def cmd_mount(a) -> None:
         "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
         "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else []) + (
         ["--writeback-cache"] if a.writeback_cache else []) + (
+        ["--nonempty"] if a.nonempty else []) + (
         ["--no-space-timeout", str(a.no_space_timeout)] if a.no_space_timeout is not None else [])
     log_path = os.path.join(pool_dir, "fusepool.log")
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -177,7 +180,8 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
 
     try:
         serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other,
-              no_space_timeout=a.no_space_timeout, writeback_cache=a.writeback_cache)
+              no_space_timeout=a.no_space_timeout, writeback_cache=a.writeback_cache,
+              nonempty=a.nonempty)
     except PoolError as exc:
         if ready_file and not ready_file.closed:
             ready_file.write(f"error {exc.exit_status}: {exc}\n")
@@ -292,7 +296,7 @@ def cmd_resize(a) -> None:
     relative = text.startswith("+")
     if text.startswith("-"):
         raise UsageError("volumes cannot shrink")
-    size = parse_size(text.lstrip("+"))
+    size = parse_size(text.removeprefix("+"))  # "++1M" stays invalid
     path = cached_volume(a.pool, a.name)
     if path is not None:  # the kernel owns the size of a cached volume: resize through it
         current = os.stat(path).st_size
@@ -570,8 +574,15 @@ def cmd_import(a) -> None:
     config = require_pool(pool_dir)
     status = daemon_status(pool_dir)
     check_input(a.file, pool_dir, status["mountpoint"] if status else None)
-    try:
-        image_size = os.stat(a.file).st_size
+    try:  # a file or a block device; a FIFO would block the open with the pool locked
+        st = os.stat(a.file)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"{a.file} is not a file or a block device")
+        image_size = st.st_size
+        if stat.S_ISBLK(st.st_mode):  # whose st_size is 0
+            from fusepool.interop.thin_xml import image_size as device_size
+
+            image_size = device_size(a.file)
     except OSError as exc:
         raise UsageError(f"{a.file}: {exc.strerror}") from None
     size = max(parse_size(a.size) if a.size else 0, image_size)
@@ -580,7 +591,8 @@ def cmd_import(a) -> None:
         try:
             fd = os.open(os.path.join(status["mountpoint"], a.name), os.O_WRONLY)
             try:
-                stored = import_image(a.file, config.block_size, lambda off, d: _pwrite_all(fd, d, off))
+                stored = import_image(a.file, config.block_size, lambda off, d: _pwrite_all(fd, d, off),
+                                      size=image_size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -594,7 +606,8 @@ def cmd_import(a) -> None:
             dev = pool.create_volume(a.name, size)
             try:
                 stored = import_image(a.file, pool.block_size,
-                                      lambda off, d: _engine_write_all(pool, dev.dev_id, off, d))
+                                      lambda off, d: _engine_write_all(pool, dev.dev_id, off, d),
+                                      size=image_size)
                 pool.commit()
             except BaseException:
                 pool.remove(a.name)
@@ -696,6 +709,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--writeback-cache", action="store_true",
                     help="let the kernel cache writes (faster small writes; out-of-space errors "
                          "then show at fsync or close: see docs/performance.md)")
+    sp.add_argument("--nonempty", action="store_true",
+                    help="mount even if MOUNTPOINT holds files (the mount hides them)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     sp = add("umount", cmd_umount, "commit, unmount and wait for the daemon to exit")
@@ -845,14 +860,21 @@ def add_space_options(sp, changing: bool = False) -> None:
                     + (" ('' removes it)" if changing else ""))
 
 
-def _checked_number(convert, kind: str, ok, rule: str):
-    """An argparse type: ``convert`` the text, then require ``ok(value)`` (else say ``rule``)."""
+def _checked_number(convert, kind: str, ok, rule: str, pattern: str):
+    """An argparse type: ``convert`` the text, then require ``ok(value)`` (else say ``rule``).
+
+    The text must match ``pattern`` first (ASCII digits, an optional minus, a decimal
+    point for floats): float() and int() would also take ' 12', '1_0', '١٢', 'inf' and
+    'nan', and a non-finite float would end up in pool.json as non-JSON ``Infinity``.
+    """
+    syntax = re.compile(pattern, re.ASCII)
 
     def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if len(text) > 100 or not syntax.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"not {kind}: {text[:100]!r}")
+        value = convert(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}")
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{rule}: {text!r}")
         return value
@@ -860,9 +882,20 @@ def _checked_number(convert, kind: str, ok, rule: str):
     return parse
 
 
-positive_float = _checked_number(float, "a number", lambda v: v > 0, "must be positive")
-non_negative_float = _checked_number(float, "a number", lambda v: v >= 0, "must not be negative")
-non_negative_int = _checked_number(int, "a whole number", lambda v: v >= 0, "must not be negative")
+_FLOAT = r"-?[0-9]+(?:\.[0-9]+)?"
+positive_float = _checked_number(float, "a number", lambda v: v > 0, "must be positive", _FLOAT)
+non_negative_float = _checked_number(float, "a number", lambda v: v >= 0, "must not be negative",
+                                     _FLOAT)
+_whole_number = _checked_number(int, "a whole number", lambda v: v >= 0, "must not be negative",
+                                r"-?[0-9]+")
+
+
+def non_negative_int(text: str) -> int:
+    """A block count: 40-bit (data block numbers share a u64 with a 24-bit time)."""
+    value = _whole_number(text)
+    if value >= 1 << 40:
+        raise argparse.ArgumentTypeError(f"more blocks than a pool can have (2^40): {text[:60]!r}")
+    return value
 
 
 # Commands that usually just talk to a running daemon; logging is set up for them only
@@ -896,6 +929,12 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         status = args.func(args)
+        sys.stdout.flush()  # a closed stdout shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        if not stdout_closed():
+            print("fusepool: error: broken pipe", file=sys.stderr)
+            return 1
+        return die_of_sigpipe()
     except PoolError as exc:
         print(f"fusepool: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -906,3 +945,33 @@ def main(argv: list[str] | None = None) -> int:
               + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1
     return status or 0
+
+
+def stdout_closed() -> bool:
+    """True when nothing reads our stdout any more (the reader of a pipe is gone)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def die_of_sigpipe() -> int:
+    """End as coreutils do when their reader goes (``seq 100000 | head -1``): silently,
+    killed by SIGPIPE, so a shell sees status 141.
+
+    Python ignores SIGPIPE and raises BrokenPipeError instead; stdout goes to
+    /dev/null first so that the interpreter's final flush cannot complain either.
+    """
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.stderr.flush()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return 128 + signal.SIGPIPE  # (not reached: the signal ends the process)

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -61,23 +62,112 @@ class PoolConfig:
 
     @classmethod
     def load(cls, pool_dir: str) -> "PoolConfig":
+        """Read and validate ``pool.json`` (see :func:`_validate`); never a traceback.
+
+        Every refusal is ``POOL/pool.json: FIELD: what is wrong`` (BadConfig, exit 1).
+        """
         path = os.path.join(pool_dir, CONFIG)
         if not os.path.exists(pool_dir):
             raise NotAPool(f"{pool_dir}: no such pool directory")
         if not os.path.isdir(pool_dir):
             raise NotAPool(f"{pool_dir} is not a pool directory")
         try:
-            with open(path) as f:
-                raw = json.load(f)
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+            with open(path, "rb") as f:
+                text = f.read(1 << 20)
         except FileNotFoundError:
             raise NotAPool(f"{pool_dir} is not a fusepool pool (no {CONFIG}; create one with "
                            f"`fusepool init {pool_dir}`)") from None
-        except (ValueError, TypeError, KeyError) as exc:
-            raise NotAPool(f"{path}: unreadable pool config ({exc})") from None
+        except OSError as exc:
+            raise BadConfig(f"{path}: {exc.strerror}") from None
+        try:
+            # NaN/Infinity are not JSON; read them as floats so the field check names them
+            raw = json.loads(text.decode("utf-8"), parse_constant=float)
+        except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
+            raise BadConfig(f"{path}: not a JSON config ({str(exc)[:100]})") from None
+        if not isinstance(raw, dict):
+            raise BadConfig(f"{path}: not a JSON object")
+        return cls(**_validate(raw, path))
 
     def save(self, pool_dir: str) -> None:
         write_atomic(os.path.join(pool_dir, CONFIG), json.dumps(asdict(self), indent=2) + "\n")
+
+
+class BadConfig(NotAPool):
+    """``pool.json`` is there but holds something fusepool never writes."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:  # a float field also takes an integer, never a bool
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _between(lo, hi, lo_open=False):
+    return lambda v: (lo < v if lo_open else lo <= v) and v <= hi
+
+
+# field -> (type check, type name, range check or None, range rule)
+_SCHEMA = {
+    "uuid": (lambda v: isinstance(v, str), "a string", None, ""),
+    "block_size": (_is_int, "an integer", lambda v: v % (64 << 10) == 0 and (64 << 10) <= v <= 1 << 30,
+                   "a multiple of 64 KiB from 64 KiB to 1 GiB"),
+    "base_size": (_is_int, "an integer", _between(0, 1 << 60, lo_open=True),
+                  "from 1 byte to 2^60 bytes"),
+    "min_free_space": (_is_number, "a finite number", lambda v: 0 <= v < 100, "a percentage from 0 to 99"),
+    "skip_block_zeroing": (lambda v: isinstance(v, bool), "true or false", None, ""),
+    "no_space_timeout": (_is_number, "a finite number", lambda v: v >= 0, "seconds, not negative"),
+    "mode": (lambda v: isinstance(v, str), "a string", lambda v: v in ("loop", "direct"),
+             '"loop" or "direct"'),
+    "version": (_is_int, "an integer", lambda v: v == 1, "1 (this fusepool's pool format)"),
+    "data_device": (lambda v: v is None or isinstance(v, str), "a path or null",
+                    lambda v: v is None or os.path.isabs(v), "an absolute path"),
+    "preallocated": (lambda v: isinstance(v, bool), "true or false", None, ""),
+    "autoextend_threshold": (_is_number, "a finite number", _between(1, 100), "a percentage from 1 to 100"),
+    "autoextend_percent": (_is_number, "a finite number", _between(0, 1000, lo_open=True),
+                           "a percentage above 0 and at most 1000"),
+    "max_data_size": (_is_int, "an integer", _between(0, (1 << 63) - 1), "bytes, not negative"),
+    "low_water_mark": (_is_int, "an integer", lambda v: 0 <= v < 1 << 40,
+                       "a block count from 0 to 2^40-1"),
+    "on_low_water": (lambda v: v is None or isinstance(v, str), "a string or null", None, ""),
+}
+
+
+def _validate(raw: dict, path: str) -> dict:
+    """Exact types (a bool is not an int; an int is a float only for float fields), ranges,
+    enums, the version and the rules across fields.  Unknown keys are refused: fusepool
+    never writes them, and a misspelt setting must not be ignored silently."""
+    import uuid as uuidlib
+
+    def bad(name: str, what: str):
+        return BadConfig(f"{path}: {name}: {what}")
+
+    for name in raw:
+        if name not in _SCHEMA:
+            raise bad(str(name)[:60], "unknown field (fusepool writes no such field)")
+    for name in ("uuid", "block_size"):
+        if name not in raw:
+            raise bad(name, "missing")
+    for name, value in raw.items():
+        is_type, type_name, in_range, rule = _SCHEMA[name]
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        if not is_type(value):
+            raise bad(name, f"{shown} is not {type_name}")
+        if in_range is not None and not in_range(value):
+            raise bad(name, f"{shown} is not {rule}")
+    try:
+        uuidlib.UUID(raw["uuid"])
+    except ValueError:
+        raise bad("uuid", f"{raw['uuid'][:60]!r} is not a UUID") from None
+    mode = raw.get("mode", "loop")
+    if raw.get("data_device") is not None and mode != "direct":
+        raise bad("data_device", f"a data device is for direct mode only (mode is {mode!r})")
+    if raw.get("preallocated") and (mode != "direct" or raw.get("data_device") is not None):
+        raise bad("preallocated", "a preallocated data file is for direct mode without a data device")
+    if mode != "loop" and (raw.get("autoextend_threshold", 100) < 100 or raw.get("max_data_size", 0)):
+        raise bad("autoextend_threshold", "autoextend works in loop mode only")
+    return raw
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -18,7 +18,7 @@ import trio
 from fusepool import commands
 from fusepool.autoextend import run_hook
 from fusepool.control_server import ControlServer
-from fusepool.errors import NotMounted, PoolBusy, PoolError, UsageError
+from fusepool.errors import InvalidArgument, NotMounted, PoolBusy, PoolError, UsageError
 from fusepool.fs import FusepoolOperations
 from fusepool.mounts import find_mount, lazy_unmount, unescape_mount_path  # noqa: F401
 from fusepool.pool import Pool
@@ -26,8 +26,12 @@ from fusepool.pool import Pool
 log = logging.getLogger(__name__)
 
 
-def check_mountpoint(mountpoint: str) -> None:
-    """A usable, empty-of-mounts directory; clear a dead FUSE mount left behind."""
+def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
+    """A usable, empty-of-mounts directory; clear a dead FUSE mount left behind.
+
+    A directory holding files is refused unless ``nonempty``: the mount would hide
+    them (fuse 2's ``nonempty`` option; fuse 3 dropped the check, we keep it).
+    """
     try:
         st = os.stat(mountpoint)
     except OSError as exc:
@@ -50,6 +54,15 @@ def check_mountpoint(mountpoint: str) -> None:
         else:
             raise PoolBusy(f"{mountpoint} is already a mount point")
     del st
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                hidden = next(entries, None)
+        except OSError as exc:
+            raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        if hidden is not None:
+            raise InvalidArgument(f"mountpoint {mountpoint} is not empty (it holds {hidden.name!r}): "
+                                  "mounting would hide its files; use --nonempty to mount anyway")
 
 
 # The kernel caps FUSE read-ahead at 128 KiB; 1 MiB made sequential reads 1.6x faster
@@ -174,12 +187,13 @@ class Daemon:
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,
           allow_other: bool = False, debug_fuse: bool = False,
-          no_space_timeout: float | None = None, writeback_cache: bool = False) -> None:
+          no_space_timeout: float | None = None, writeback_cache: bool = False,
+          nonempty: bool = False) -> None:
     """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted."""
     mountpoint = os.path.realpath(mountpoint)  # as mountinfo will show it
     pool = Pool.open(pool_dir)
     try:
-        check_mountpoint(mountpoint)
+        check_mountpoint(mountpoint, nonempty)
         daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout, writeback_cache)
         # The mount's source names its pool (`fusepool umount` reads it from mountinfo and
         # then asks that pool's daemon; see cli.find_mount).  default_permissions: the kernel

@@ -32,7 +32,9 @@ from array import array
 from dataclasses import dataclass, field
 
 from fusepool import __version__, autoextend
-from fusepool.config import DATA, JOURNAL, METADATA, PoolConfig, PoolLock, make_pool_dir, tighten_pool_dir
+from fusepool.config import (
+    DATA, JOURNAL, METADATA, BadConfig, PoolConfig, PoolLock, make_pool_dir, tighten_pool_dir,
+)
 from fusepool.datastore import DataStore, DirectDataStore, check_data_device
 from fusepool.errors import (
     BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
@@ -110,6 +112,11 @@ def validate_name(name: str) -> str:
             " (reserved for the mount's control file)" if name == CONTROL_NAME else ""))
     if "/" in name or "\0" in name:
         raise UsageError(f"invalid volume name {name!r}: it may not contain '/' or NUL")
+    # Control characters (a newline would forge lines in `list`) and bytes that are not
+    # UTF-8 (they arrive as lone surrogates, which no JSON reply or terminal can carry).
+    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in name):
+        raise UsageError(f"invalid volume name {name!r}: control characters and bytes that "
+                         "are not UTF-8 are not allowed")
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         raise UsageError(f"invalid volume name: longer than {MAX_NAME_BYTES} bytes")
     return name
@@ -268,6 +275,9 @@ class Pool:
             raise Corrupt(f"pool metadata is damaged ({exc}); run `fusepool check {path}` "
                           f"and `fusepool repair {path}`") from None
         sb = loaded.superblock
+        if sb.uuid != config.uuid:  # pool.json belongs to another pool's metadata
+            self.store.close()
+            raise BadConfig(f"{path}/pool.json: uuid: {config.uuid} differs from the metadata's {sb.uuid}")
         if sb.block_size != config.block_size:
             raise Corrupt(f"block size in metadata ({sb.block_size}) differs from pool.json")
         self.block_size = sb.block_size

@@ -13,33 +13,51 @@ result goes through the same XML path as ``fusepool restore``, with volume
 names taken from the JSON files' names and sizes from their ``size``.
 """
 
-import json
 import os
 import shutil
 import subprocess
 import tempfile
 
 from fusepool.errors import PoolError, UsageError
-from fusepool.interop.thin_xml import read_xml, restore
+from fusepool.interop.thin_xml import _is_int, load_json, read_xml, restore
+from fusepool.metadata.format import MAX_DEV_ID, MAX_VOLUME_SIZE
 
 DRIVER_FILES = {"deviceset-metadata", "transaction-metadata"}
 
 
 def docker_names(metadata_dir: str) -> dict[int, dict]:
-    """``{device_id: {"name", "size"}}`` from Docker's per-device JSON files."""
+    """``{device_id: {"name", "size"}}`` from Docker's per-device JSON files.
+
+    Each file is checked as Docker writes it (an object; ``device_id`` a 24-bit
+    integer, ``size`` an integer byte count, ``deleted`` a boolean); two files
+    naming one device are refused, naming both, rather than one silently winning.
+    """
     names: dict[int, dict] = {}
+    owner: dict[int, str] = {}  # device id -> the file that named it
     for entry in sorted(os.listdir(metadata_dir)):
         if entry in DRIVER_FILES or entry.startswith("."):
             continue
         path = os.path.join(metadata_dir, entry)
-        try:
-            with open(path) as f:
-                info = json.load(f)
-            dev_id, size = int(info["device_id"]), int(info["size"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{path}: not a Docker device metadata file ({exc})") from None
-        if info.get("deleted"):
+        info = load_json(path, "Docker device metadata file")
+
+        def bad(what: str, path=path):
+            return UsageError(f"{path}: not a Docker device metadata file ({what})")
+
+        if not isinstance(info, dict):
+            raise bad("not a JSON object")
+        dev_id, size, deleted = info.get("device_id"), info.get("size"), info.get("deleted", False)
+        if not _is_int(dev_id) or not 0 <= dev_id <= MAX_DEV_ID:
+            raise bad(f"device_id {str(dev_id)[:40]} is not an integer from 0 to {MAX_DEV_ID}")
+        if not _is_int(size) or not 0 <= size <= MAX_VOLUME_SIZE:
+            raise bad(f"size {str(size)[:40]} is not a byte count from 0 to {MAX_VOLUME_SIZE}")
+        if not isinstance(deleted, bool):
+            raise bad(f"deleted {str(deleted)[:40]!r} is not true or false")
+        if deleted:
             continue
+        if dev_id in owner:
+            raise UsageError(f"{os.path.join(metadata_dir, owner[dev_id])} and {path} both name "
+                             f"device {dev_id}")
+        owner[dev_id] = entry
         names[dev_id] = {"name": entry, "size": size}
     return names
 

@@ -6,8 +6,12 @@ work on an open pool (offline) or through a mount (online): the caller hands
 in a ``read``/``write`` function and the extents.
 """
 
+import errno
 import os
+import stat
 from collections.abc import Callable
+
+from fusepool.errors import PoolError
 
 CHUNK = 1 << 20  # I/O size for copying
 
@@ -51,20 +55,31 @@ def data_extents(fd: int, size: int):
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: a hole up to the end
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a hole up to the end (or the file shrank: see caller)
+                return
+            yield pos, size  # no hole information (a block device, some filesystems): all data
             return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         yield start, end
         pos = end
 
 
-def import_image(path: str, block_size: int, write: Callable[[int, bytes], None], progress=None) -> int:
-    """Copy a raw image's non-zero blocks through ``write``; returns bytes stored."""
+def import_image(path: str, block_size: int, write: Callable[[int, bytes], None], progress=None,
+                 size: int | None = None) -> int:
+    """Copy a raw image's non-zero blocks through ``write``; returns bytes stored.
+
+    ``size``: the image size the caller sized the volume by (default: the file's).
+    A file that is not that size any more, or whose reads end before it, changed
+    under the import: PoolError, never zeros taken for its data or a retry forever.
+    """
     stored = 0
     zero = bytes(block_size)
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
+        if size is None:
+            size = _current_size(fd)
+        _check_size(path, fd, size)
         done = 0  # everything before this offset is copied
         for start, end in data_extents(fd, size):
             # whole blocks, so zero detection sees whole blocks; a block two extents
@@ -74,6 +89,9 @@ def import_image(path: str, block_size: int, write: Callable[[int, bytes], None]
             while pos < stop:
                 n = min(max(CHUNK - CHUNK % block_size, block_size), stop - pos)
                 data = os.pread(fd, n, pos)
+                if len(data) < n:  # end of file before its size: it shrank while read
+                    raise PoolError(f"image {path} ended at byte {pos + len(data)} of {size} while "
+                                    "being read (did it shrink?); nothing imported")
                 # write runs of non-zero blocks; skip zero blocks entirely
                 run_start = None
                 for off in range(0, len(data), block_size):
@@ -92,9 +110,23 @@ def import_image(path: str, block_size: int, write: Callable[[int, bytes], None]
                 if progress:
                     progress(pos, size)
             done = max(done, pos)
+        _check_size(path, fd, size)  # a hole at the end may be a truncation SEEK_DATA skipped
     finally:
         os.close(fd)
     return stored
+
+
+def _current_size(fd: int) -> int:
+    """A file's size, or a block device's (whose st_size is 0)."""
+    st = os.fstat(fd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+
+
+def _check_size(path: str, fd: int, size: int) -> None:
+    now = _current_size(fd)
+    if now != size:
+        raise PoolError(f"image {path} changed size while being imported ({size} -> {now} bytes); "
+                        "nothing imported")
 
 
 def delta(left: list[tuple[int, int]], right: list[tuple[int, int]]) -> list[dict]:

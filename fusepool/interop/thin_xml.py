@@ -17,16 +17,27 @@ anything else a ``single_mapping``.  Volume names are not part of the format:
 they travel in a side file, ``{"<dev_id>": {"name": ..., "size": ...}}``.
 """
 
+import contextlib
 import errno
 import json
 import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from xml.etree import ElementTree
 from xml.sax.saxutils import quoteattr
 
 from fusepool.errors import UsageError
-from fusepool.metadata.format import MAX_DEV_ID, MAX_VOLUME_SIZE, TIME_MASK
+from fusepool.metadata.format import (
+    MAX_DATA_BLOCKS,
+    MAX_DEV_ID,
+    MAX_TRANSACTION_ID,
+    MAX_U32,
+    MAX_U64,
+    MAX_VOLUME_SIZE,
+    TIME_MASK,
+)
 
 SECTOR = 512
 Run = tuple[int, int, int, int]  # (origin_begin, data_begin, length, time)
@@ -116,18 +127,27 @@ _RANGE_ATTRS = {"origin_begin", "data_begin", "length", "time"}
 _SINGLE_ATTRS = {"origin_block", "data_block", "time"}
 
 
-def _int(elem, name: str, where: str, default: int | None = None) -> int:
+_DIGITS = re.compile(r"[0-9]{1,40}", re.ASCII)
+
+
+def _int(elem, name: str, where: str, limit: int, default: int | None = None) -> int:
+    """An attribute as thin_dump writes numbers: ASCII digits, at most ``limit``.
+
+    ``limit`` is the width of the field it lands in (see fusepool.metadata.format);
+    int() alone would also take ' 1', '+1', '1_0' and other scripts' digits.
+    """
     text = elem.get(name)
     if text is None:
         if default is not None:
             return default
         raise UsageError(f"{where}: missing attribute {name!r}")
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{where}: attribute {name}={text!r} is not a number") from None
-    if value < 0:
-        raise UsageError(f"{where}: attribute {name}={value} is negative")
+    if not _DIGITS.fullmatch(text):
+        raise UsageError(f"{where}: attribute {name}={text[:40]!r} is not a number "
+                         "(ASCII digits, no sign)")
+    value = int(text)
+    if value > limit:
+        raise UsageError(f"{where}: attribute {name}={value} is larger than {limit}, the most "
+                         f"its field holds ({limit.bit_length()}-bit)")
     return value
 
 
@@ -146,14 +166,17 @@ def read_xml(source) -> MetadataIR:
     if root.tag != "superblock":
         raise UsageError(f"expected a <superblock> element, found <{root.tag}>")
     _check_attrs(root, _SUPER_ATTRS, "<superblock>")
-    ir = MetadataIR(root.get("uuid", ""), _int(root, "time", "<superblock>"),
-                    _int(root, "transaction", "<superblock>"),
-                    _int(root, "flags", "<superblock>", default=0),
-                    _int(root, "version", "<superblock>", default=2),
-                    _int(root, "data_block_size", "<superblock>"),
-                    _int(root, "nr_data_blocks", "<superblock>"))
-    if ir.time > TIME_MASK:
-        raise UsageError(f"<superblock>: time {ir.time} is not 24-bit")
+    sup = "<superblock>"
+    ir = MetadataIR(root.get("uuid", ""), _int(root, "time", sup, TIME_MASK),
+                    _int(root, "transaction", sup, MAX_TRANSACTION_ID),
+                    _int(root, "flags", sup, MAX_U32, default=0),
+                    _int(root, "version", sup, 2, default=2),
+                    _int(root, "data_block_size", sup, MAX_U32),
+                    _int(root, "nr_data_blocks", sup, MAX_DATA_BLOCKS - 1))
+    if ir.version < 1:
+        raise UsageError(f"{sup}: version {ir.version} is not a thin_dump format version (1 or 2)")
+    if ir.nr_data_blocks < 1:
+        raise UsageError(f"{sup}: nr_data_blocks 0: a pool needs at least one data block")
     bs = ir.data_block_size * SECTOR
     if not bs or bs % (64 << 10) or bs > 1 << 30:
         raise UsageError(f"data_block_size {ir.data_block_size} sectors ({bs} bytes) is not a multiple "
@@ -164,11 +187,10 @@ def read_xml(source) -> MetadataIR:
         if elem.tag != "device":
             raise UsageError(f"unknown element <{elem.tag}> inside <superblock>")
         _check_attrs(elem, _DEVICE_ATTRS, where)
-        dev = DeviceIR(_int(elem, "dev_id", where), _int(elem, "mapped_blocks", where),
-                       _int(elem, "transaction", where), _int(elem, "creation_time", where),
-                       _int(elem, "snap_time", where))
-        if dev.dev_id > MAX_DEV_ID:
-            raise UsageError(f"{where}: device ids are 24-bit (at most {MAX_DEV_ID})")
+        dev = DeviceIR(_int(elem, "dev_id", where, MAX_DEV_ID), _int(elem, "mapped_blocks", where, MAX_U64),
+                       _int(elem, "transaction", where, MAX_U64),
+                       _int(elem, "creation_time", where, TIME_MASK),
+                       _int(elem, "snap_time", where, TIME_MASK))
         if dev.dev_id in seen:
             raise UsageError(f"{where}: device id appears twice")
         seen.add(dev.dev_id)
@@ -178,14 +200,14 @@ def read_xml(source) -> MetadataIR:
         for m in elem:
             if m.tag == "range_mapping":
                 _check_attrs(m, _RANGE_ATTRS, where)
-                run = (_int(m, "origin_begin", where), _int(m, "data_begin", where),
-                       _int(m, "length", where), _int(m, "time", where))
+                run = (_int(m, "origin_begin", where, MAX_U64), _int(m, "data_begin", where, MAX_U64),
+                       _int(m, "length", where, MAX_U64), _int(m, "time", where, TIME_MASK))
                 if run[2] == 0:
                     raise UsageError(f"{where}: a range_mapping has length 0")
             elif m.tag == "single_mapping":
                 _check_attrs(m, _SINGLE_ATTRS, where)
-                run = (_int(m, "origin_block", where), _int(m, "data_block", where), 1,
-                       _int(m, "time", where))
+                run = (_int(m, "origin_block", where, MAX_U64), _int(m, "data_block", where, MAX_U64), 1,
+                       _int(m, "time", where, TIME_MASK))
             else:
                 raise UsageError(f"{where}: unknown element <{m.tag}>")
             if run[1] + run[2] > ir.nr_data_blocks:
@@ -229,16 +251,52 @@ def _check_sharing(ir: MetadataIR) -> None:
                         "devices' snap_time)")
 
 
+def load_json(path: str, what: str):
+    """A JSON file a user hands in, or one clear UsageError: not UTF-8, not JSON, NaN or
+    Infinity (not JSON either, though Python's parser takes them), too deep to parse."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+
+    def constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text.decode("utf-8"), parse_constant=constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UsageError(f"{path}: unreadable {what} ({str(exc)[:100] or 'nested too deep'})") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_names(path: str | None) -> dict[int, dict]:
-    """The side file: ``{"<dev_id>": {"name": ..., "size": ...}}``."""
+    """The side file: ``{"<dev_id>": {"name": ..., "size": ...}}`` (both optional)."""
     if path is None:
         return {}
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        return {int(k): v for k, v in raw.items()}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise UsageError(f"{path}: unreadable names file ({exc})") from None
+    raw = load_json(path, "names file")
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: unreadable names file (not a JSON object of devices)")
+    names = {}
+    for key, entry in raw.items():
+        where = f"{path}: device {key[:30]!r}"
+        if not re.fullmatch(r"[0-9]{1,8}", key, re.ASCII) or int(key) > MAX_DEV_ID:
+            raise UsageError(f"{where}: not a device id (0 to {MAX_DEV_ID})")
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: names entry is not an object: {str(entry)[:40]!r}")
+        unknown = set(entry) - {"name", "size"}
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))[:60]}")
+        if "name" in entry and not isinstance(entry["name"], str):
+            raise UsageError(f"{where}: name {str(entry['name'])[:40]!r} is not a string")
+        if "size" in entry and not (_is_int(entry["size"]) and 0 <= entry["size"] <= MAX_VOLUME_SIZE):
+            raise UsageError(f"{where}: size {str(entry['size'])[:40]} is not a byte count from 0 to "
+                             f"{MAX_VOLUME_SIZE}")
+        names[int(key)] = entry
+    return names
 
 
 def write_names(path: str, names: dict[int, dict]) -> None:
@@ -260,7 +318,25 @@ def dump(pool) -> tuple[MetadataIR, dict[int, dict]]:
         ir.devices.append(DeviceIR(dev.dev_id, dev.mapped_blocks, dev.transaction, dev.creation_time,
                                    dev.snap_time, runs_of(pool.mappings(dev))))
         names[dev.dev_id] = {"name": dev.name, "size": dev.size}
+    _check_thin_limits(ir)
     return ir, names
+
+
+def _check_thin_limits(ir: MetadataIR) -> None:
+    """Never write a dump thin_restore would refuse (its fields: u64 transaction ids and
+    block counts, u32 times and device ids); the pool would be damaged to hold such values."""
+    from fusepool.errors import Corrupt
+
+    fields = [("transaction", ir.transaction, MAX_U64), ("time", ir.time, MAX_U32)]
+    for d in ir.devices:
+        fields += [(f"device {d.dev_id} transaction", d.transaction, MAX_U64),
+                   (f"device {d.dev_id} dev_id", d.dev_id, MAX_U32),
+                   (f"device {d.dev_id} creation_time", d.creation_time, MAX_U32),
+                   (f"device {d.dev_id} snap_time", d.snap_time, MAX_U32)]
+    for what, value, limit in fields:
+        if not _is_int(value) or not 0 <= value <= limit:
+            raise Corrupt(f"cannot dump: {what} {value!r} is outside what thin_restore reads "
+                          f"(0 to {limit}); run `fusepool check`")
 
 
 def image_size(path: str) -> int:
@@ -333,7 +409,10 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
     from fusepool.pool import MAX_METADATA_SIZE, min_metadata_pages, validate_name
 
     bs = ir.block_size
-    try:
+    try:  # a file or a block device: a directory or a FIFO is refused before it is opened
+        mode = os.stat(data_path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UsageError(f"data image {data_path} is not a file or a block device")
         data_bytes = image_size(data_path)
     except OSError as exc:
         raise UsageError(f"data image {data_path}: {exc.strerror}") from None
@@ -351,7 +430,7 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
         side = names.get(dev.dev_id, {})
         if not isinstance(side, dict):
             raise UsageError(f"names entry for device {dev.dev_id} is not an object: {side!r}")
-        name = validate_name(str(side.get("name", dev.dev_id)))
+        name = validate_name(side["name"] if isinstance(side.get("name"), str) else str(dev.dev_id))
         if name in given:
             raise UsageError(f"volume name {name!r} is given to two devices")
         last_vb = max((o + n - 1 for o, _, n, _ in dev.runs), default=-1)
@@ -389,7 +468,10 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
         uuid = str(uuidlib.uuid4())
     from fusepool.config import make_pool_dir
 
-    make_pool_dir(pool_dir)  # owner-only (0700), whatever the umask
+    try:
+        made_dir = make_pool_dir(pool_dir)  # owner-only (0700), whatever the umask
+    except OSError as exc:
+        raise UsageError(f"cannot create {pool_dir}: {exc.strerror}") from None
     made = []
     try:
         made.append(os.path.join(pool_dir, DATA))
@@ -412,10 +494,13 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
         made.append(os.path.join(pool_dir, "pool.json"))
         PoolConfig(uuid, bs).save(pool_dir)
     except BaseException:
-        for path in made:
+        for path in made + [os.path.join(pool_dir, "pool.json.tmp")]:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        if made_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(pool_dir)
         raise
     return given

@@ -58,6 +58,12 @@ TIME_BITS = 24
 TIME_MASK = (1 << TIME_BITS) - 1
 MAX_DEV_ID = (1 << 24) - 1  # dm-thin device ids are 24 bits
 MAX_VOLUME_SIZE = 1 << 60  # bytes: far beyond need, and st_size (off_t) holds it
+MAX_DATA_BLOCKS = 1 << (64 - TIME_BITS)  # a leaf entry keeps the data block in 40 bits
+MAX_U32 = (1 << 32) - 1
+MAX_U64 = (1 << 64) - 1  # transaction ids (superblock field), as thin-provisioning-tools' too
+# thin_restore takes transaction ids up to MAX_U64; restore takes half of that, so that a
+# restored pool can still commit (each commit adds one) without overflowing the field.
+MAX_TRANSACTION_ID = (1 << 63) - 1
 FORMAT_VERSION = 1
 
 PAGE_SUPER, PAGE_NODE, PAGE_SPACEMAP, PAGE_ROOT = 1, 2, 3, 4
