@@ -514,8 +514,10 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         _replay_journal(pool_dir, chosen, state, roots, newest, said)
         pool_time = _repair_times(state, roots, sb.time, said)
         _cover_mappings(state, roots, sb.block_size, said)
-        new_sb = Superblock(sb.uuid, sb.transaction_id, pool_time, sb.block_size, sb.nr_data_blocks,
-                            sb.nr_meta_pages)
+        if sb.uuid != config.uuid:  # pool.json is the pool's identity (the journal is keyed by it)
+            said.append(f"the metadata's uuid {sb.uuid} differed from pool.json's: set to {config.uuid}")
+        new_sb = Superblock(config.uuid, sb.transaction_id, pool_time, sb.block_size,
+                            sb.nr_data_blocks, sb.nr_meta_pages)
 
         counts = array("I", bytes(4 * sb.nr_data_blocks))
         seen: set[int] = set()
