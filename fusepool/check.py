@@ -14,6 +14,7 @@ the result as a fresh metadata file; the old one is kept as
 ``metadata.damaged``.
 """
 
+import contextlib
 import logging
 import os
 import uuid as uuidlib
@@ -26,8 +27,22 @@ import xxhash
 from fusepool.config import JOURNAL, METADATA, PoolConfig, PoolLock
 from fusepool.errors import Corrupt, PoolError
 from fusepool.metadata.format import (
-    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, FLAG_NEEDS_CHECK, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_NODE,
-    PAGE_ROOT, PAGE_SIZE, PAGE_SPACEMAP, TIME_BITS, TIME_MASK, UNMAPPED, Superblock, decode_root, unpack_page,
+    COUNTS_PER_PAGE,
+    FANOUT,
+    FIRST_DATA_PAGE,
+    FLAG_NEEDS_CHECK,
+    MAX_DEV_ID,
+    MAX_VOLUME_SIZE,
+    PAGE_NODE,
+    PAGE_ROOT,
+    PAGE_SIZE,
+    PAGE_SPACEMAP,
+    TIME_BITS,
+    TIME_MASK,
+    UNMAPPED,
+    Superblock,
+    decode_root,
+    unpack_page,
 )
 from fusepool.metadata.journal import Journal
 from fusepool.metadata.spacemap import DataSpaceMap
@@ -138,7 +153,8 @@ class Checker:
         self.report.needs_check = bool(sb.flags & FLAG_NEEDS_CHECK)
         self.report.data_blocks = sb.nr_data_blocks
         if sb.block_size != self.block_size:
-            self.problem("superblock", f"block size {sb.block_size} differs from pool.json ({self.block_size})")
+            self.problem("superblock",
+                         f"block size {sb.block_size} differs from pool.json ({self.block_size})")
         size = os.fstat(self.fd).st_size
         if size < sb.nr_meta_pages * PAGE_SIZE:
             self.problem("superblock", f"metadata file is {size} bytes, superblock says "
@@ -236,7 +252,8 @@ class Checker:
                 continue
             level, _, payload = page
             if want_level is not None and level != want_level:
-                self.problem("node", f"node page {page_no} (of {owner}) has level {level}, expected {want_level}")
+                self.problem("node", f"node page {page_no} (of {owner}) has level {level}, "
+                                     f"expected {want_level}")
                 self.bad_subtrees[page_no] = "wrong level"
                 continue
             entries = array("Q")
@@ -312,11 +329,12 @@ class Checker:
                                  f"beyond the pool's {nr} blocks")
                     continue
                 if t > pool_time:
-                    self.problem("time", f"data block {block}: mapping time {t} is after the pool time {pool_time}")
+                    self.problem("time", f"data block {block}: mapping time {t} is after the pool "
+                                         f"time {pool_time}")
                 refs[block] += 1
                 dev_refs[block] += info.reach
         time_problems = 0
-        for page_no, info in leaves:
+        for _page_no, info in leaves:
             for entry in info.entries:
                 if entry == UNMAPPED:
                     continue
@@ -525,10 +543,8 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
             if root is not None:
                 _count_leaves(root, counts, seen)
         new_path = os.path.join(pool_dir, METADATA + ".repair")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(new_path)
-        except FileNotFoundError:
-            pass
         _write_fresh(new_path, new_sb, state, roots, counts)
         # The journal goes once the new metadata is in place (its records are in it, or
         # dropped above).  Rebuilt from the newest commit, the new transaction is newer
@@ -684,7 +700,8 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
         dev.setdefault("name", str(dev_id))
         root = build(dev["root"]) if dev["root"] else None
         if dev["root"] and root is None:
-            said.append(f"dropped all mappings of device {dev['dev_id']} ({dev['name']}): its root is unreadable")
+            said.append(f"dropped all mappings of device {dev['dev_id']} ({dev['name']}): "
+                        "its root is unreadable")
         lost = _lost_subtrees(checker, dev["root"]) if dev["root"] else 0
         if lost:
             said.append(f"device {dev['dev_id']} ({dev['name']}): {lost} unreadable node page(s) dropped; "

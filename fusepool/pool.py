@@ -22,6 +22,7 @@ Semantics (see docs/design.md for the full contract):
   whose mapping time is older than a device's ``snap_time`` may be shared.
 """
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -33,15 +34,40 @@ from dataclasses import dataclass, field
 
 from fusepool import __version__, autoextend
 from fusepool.config import (
-    DATA, JOURNAL, METADATA, BadConfig, PoolConfig, PoolLock, make_pool_dir, tighten_pool_dir,
+    DATA,
+    JOURNAL,
+    METADATA,
+    BadConfig,
+    PoolConfig,
+    PoolLock,
+    make_pool_dir,
+    tighten_pool_dir,
 )
 from fusepool.datastore import DataStore, DirectDataStore, check_data_device
 from fusepool.errors import (
-    BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool,
-    PoolError, PoolFailed, PoolFull, ReadOnlyPool, UsageError, VolumeExists,
+    BelowMinFreeSpace,
+    Corrupt,
+    InvalidArgument,
+    MetadataFull,
+    NoSuchVolume,
+    NotAPool,
+    PoolError,
+    PoolFailed,
+    PoolFull,
+    ReadOnlyPool,
+    UsageError,
+    VolumeExists,
 )
 from fusepool.metadata.format import (
-    FANOUT, FLAG_NEEDS_CHECK, MAX_DEV_ID, MAX_VOLUME_SIZE, PAGE_SIZE, TIME_BITS, TIME_MASK, UNMAPPED, Superblock,
+    FANOUT,
+    FLAG_NEEDS_CHECK,
+    MAX_DEV_ID,
+    MAX_VOLUME_SIZE,
+    PAGE_SIZE,
+    TIME_BITS,
+    TIME_MASK,
+    UNMAPPED,
+    Superblock,
 )
 from fusepool.metadata.journal import Journal
 from fusepool.metadata.spacemap import DataSpaceMap
@@ -222,15 +248,11 @@ class Pool:
                        low_water_mark=low_water_mark, on_low_water=on_low_water or None).save(path)
         except BaseException:
             for name in (DATA, METADATA, JOURNAL, "pool.json", "pool.json.tmp"):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(path, name))
-                except FileNotFoundError:
-                    pass
             if made_dir:
-                try:
+                with contextlib.suppress(OSError):
                     os.rmdir(path)
-                except OSError:
-                    pass
             raise
         return nr_blocks * block_size
 

@@ -6,6 +6,7 @@ mount fixture unmounts in teardown even when the test failed: first the clean
 way (``fusepool umount``), then SIGKILL and a lazy unmount.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -106,12 +107,9 @@ class Mount:
     def cleanup(self):
         if is_mounted(self.mountpoint):
             if run_fusepool("umount", self.mountpoint, "--force", "--timeout", "10", check=False,
-                            timeout=60).returncode:
-                if self.pid:
-                    try:
-                        os.kill(self.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                            timeout=60).returncode and self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             lazy_unmount(self.mountpoint)
 
 

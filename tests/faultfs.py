@@ -423,7 +423,7 @@ def write_image(image: dict[str, bytes], source_dir: str, dest_dir: str,
                     _os.pwrite(fh.fileno(), chunk, pos)
             fh.truncate(len(content))
     for name in extra:
-        with contextlib.suppress(FileNotFoundError), open(_os.path.join(source_dir, name), "rb") as src:
-            with open(_os.path.join(dest_dir, name), "wb") as dst:
-                dst.write(src.read())
+        with (contextlib.suppress(FileNotFoundError), open(_os.path.join(source_dir, name), "rb") as src,
+              open(_os.path.join(dest_dir, name), "wb") as dst):
+            dst.write(src.read())
     return dest_dir

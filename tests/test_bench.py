@@ -5,6 +5,7 @@ ratios from the figures it reports, draw its chart, and leave nothing behind:
 no mount, no daemon, no work directory.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -83,7 +84,8 @@ def test_smoke_run_reports_every_figure_and_leaves_nothing(tmp_path):
             for side, peer in (("qcow2", PAIRS[target]), ("plain", "plain")):
                 theirs = rows[workload, peer]["median"]
                 for figure in FIGURES:
-                    assert row[f"ratio_{side}"][figure] == pytest.approx(row["median"][figure] / theirs[figure])
+                    want = row["median"][figure] / theirs[figure]
+                    assert row[f"ratio_{side}"][figure] == pytest.approx(want)
             assert row["checks"] and all(isinstance(c["ok"], bool) for c in row["checks"])
 
         engine = res["engine"]
@@ -109,10 +111,8 @@ def test_smoke_run_reports_every_figure_and_leaves_nothing(tmp_path):
         for point in reversed(left_mounts):
             lazy_unmount(point)
         for pid in left_processes:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert left_mounts == [], "tools/bench left mounts behind"
     assert left_processes == [], "tools/bench left daemons (qemu-storage-daemon, fusepool) running"
 

@@ -27,6 +27,7 @@ then read back exactly.  A command that returned is always visible.
 JSON summary per test.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -39,6 +40,7 @@ import traceback
 import warnings
 
 from conftest import daemon_pid, is_mounted, lazy_unmount, run_fusepool
+
 from fusepool import control
 from fusepool.cli import pool_call
 
@@ -85,10 +87,8 @@ def read_volume(path) -> bytes:
 
 
 def close_quietly(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):  # ENOTCONN and friends on a dead mount
         os.close(fd)
-    except OSError:  # ENOTCONN and friends on a dead mount
-        pass
 
 
 def touched_zeros(n: int) -> bytearray:
@@ -372,7 +372,7 @@ class CrashWriter:
             vol.close()
 
     def run(self, killing: threading.Event, stop: threading.Event) -> None:
-        ops, weights = zip(*self.WEIGHTS.items())
+        ops, weights = zip(*self.WEIGHTS.items(), strict=False)
         self.journal = []
         try:
             while not stop.is_set():
@@ -917,14 +917,12 @@ def test_sigkill_during_entry_invalidation(make_pool, make_mount):
             remount(m)
         stop = threading.Event()
 
-        def lookups(i):  # names that do not exist: every stat is a LOOKUP the daemon answers
+        def lookups(i, stop=stop):  # names that do not exist: every stat is a LOOKUP the daemon answers
             n = 0
             while not stop.is_set():
                 n += 1
-                try:
+                with contextlib.suppress(OSError):
                     os.stat(m.mountpoint / f"absent{i}-{n}")
-                except OSError:
-                    pass
 
         threads = [threading.Thread(target=lookups, args=(i,), daemon=True) for i in range(3)]
         for t in threads:

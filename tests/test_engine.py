@@ -20,17 +20,32 @@ import random
 
 import pytest
 from engine_model import (
-    VolumeModel, check_invariants, crash, first_difference, snapshot_models, verify_all,
+    VolumeModel,
+    check_invariants,
+    crash,
+    first_difference,
+    snapshot_models,
+    verify_all,
 )
 
 from fusepool.errors import (
-    BelowMinFreeSpace, Corrupt, InvalidArgument, MetadataFull, NoSuchVolume, NotAPool, PoolBusy,
-    PoolError, PoolFull, ReadOnlyPool, UsageError, VolumeExists,
+    BelowMinFreeSpace,
+    Corrupt,
+    InvalidArgument,
+    MetadataFull,
+    NoSuchVolume,
+    NotAPool,
+    PoolBusy,
+    PoolError,
+    PoolFull,
+    ReadOnlyPool,
+    UsageError,
+    VolumeExists,
 )
 from fusepool.metadata.format import FANOUT, PAGE_SIZE
 from fusepool.metadata.store import MetadataStore, read_superblocks
 from fusepool.metadata.tree import Tree
-from fusepool.pool import METADATA_RESERVE_PAGES, MAX_VOLUME_SIZE, Pool, min_metadata_pages
+from fusepool.pool import MAX_VOLUME_SIZE, METADATA_RESERVE_PAGES, Pool, min_metadata_pages
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BS = 64 * KiB

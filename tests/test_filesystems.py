@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import require, run_fusepool
 
 MiB = 1 << 20

@@ -21,8 +21,9 @@ from collections import defaultdict
 from xml.etree import ElementTree
 
 import pytest
+from conftest import fusepool_json, require, run_fusepool, write_fully
+from conftest import read_all as read_range
 
-from conftest import fusepool_json, read_all as read_range, require, run_fusepool, write_fully
 from fusepool.cli import pool_call
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -108,7 +109,7 @@ def sharers(devices) -> dict:
     """``{dblock: [(dev_id, time), ...]}``."""
     out = defaultdict(list)
     for dev_id, (_, maps) in devices.items():
-        for vb, (db, t) in maps.items():
+        for _vb, (db, t) in maps.items():
             out[db].append((dev_id, t))
     return out
 
@@ -155,7 +156,7 @@ def thin_ls(meta) -> dict:
     for line in out.splitlines():
         if line.strip():
             vals = [int(x) for x in line.split()]
-            rows[vals[0]] = dict(zip(cols, vals))
+            rows[vals[0]] = dict(zip(cols, vals, strict=False))
     return rows
 
 

@@ -18,11 +18,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import check_blocks, fusepool_json, read_all, run_fusepool
+from test_space import check_clean, wait_for, write_fully
+
 from fusepool import autoextend
 from fusepool.pool import Pool
-from test_space import check_clean, wait_for, write_fully
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
@@ -229,7 +229,7 @@ def test_autoextend_under_writers(make_pool, make_mount):
     assert st["data_space_total"] >= 48 * MiB * 100 // 80 - 8 * MiB, st["data_space_total"]
     grown = re.findall(r"autoextend: pool .* data space .* -> (\S+ \S+)", pool_log(pool))
     assert len(grown) >= 3, grown
-    assert f"Data Space Total: " in run_fusepool("info", pool).stdout
+    assert "Data Space Total: " in run_fusepool("info", pool).stdout
     check_clean(pool)
     m.umount()
     check_clean(pool)
@@ -361,7 +361,8 @@ def test_queued_write_succeeds_once_the_hook_extends(make_pool, make_mount, tmp_
     """Queue mode + a hook that runs `fusepool extend` (through the daemon it was started by)."""
     marker = tmp_path / "marker"
     fusepool = f"{sys.executable} -m fusepool"
-    hook = f'echo "free=$FUSEPOOL_FREE_BLOCKS" >> {marker}; {fusepool} extend "$FUSEPOOL_POOL" --data-size 64M'
+    hook = (f'echo "free=$FUSEPOOL_FREE_BLOCKS" >> {marker}; '
+            f'{fusepool} extend "$FUSEPOOL_POOL" --data-size 64M')
     pool = make_pool("p", "--data-size", "8M", *META, "--no-space-timeout", "30", "--low-water-mark", "1",
                      "--on-low-water", hook)
     m = make_mount(pool)

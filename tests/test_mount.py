@@ -18,8 +18,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import check_blocks, fusepool_json, is_mounted, lazy_unmount, read_all, run_fusepool
+
 from fusepool.cli import pool_call
 from fusepool.units import parse_size
 
@@ -730,7 +730,7 @@ def test_statvfs_and_st_blocks_match_pool_figures(make_pool, make_mount):
     assert int(df[-1]) == pinfo["data_space_used"]
     v = vols(pool)
     for name in ("v", "s"):
-        wait_for(lambda: os.stat(m.vol(name)).st_blocks * 512 == v[name]["mapped_bytes"], 3,
+        wait_for(lambda name=name: os.stat(m.vol(name)).st_blocks * 512 == v[name]["mapped_bytes"], 3,
                  f"st_blocks of {name}")
     assert v["v"]["mapped_bytes"] == 49 * BS  # 100 + 3 MiB spans 49 blocks
     assert v["s"]["mapped_bytes"] == (49 + 4) * BS

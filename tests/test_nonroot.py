@@ -9,6 +9,7 @@ Everything after that -- init, mount, I/O through the mount, snapshot, umount,
 remount -- runs as that user.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import is_mounted, require
 
 import fusepool
@@ -63,6 +63,11 @@ def copy_code(dest: Path) -> Path:
     return dest
 
 
+def io(user, *args) -> subprocess.CompletedProcess:
+    """Run IO_SCRIPT as ``user``: ``io(user, "write"|"read", path, offset, length, seed)``."""
+    return user.python("-c", IO_SCRIPT, *args)
+
+
 class User:
     """Runs commands as the test user, with the copied code on PYTHONPATH."""
 
@@ -93,7 +98,8 @@ class User:
 # The user's side of the I/O: write a seeded pattern (and fsync), or print a digest of a range.
 IO_SCRIPT = textwrap.dedent("""
     import hashlib, os, random, sys
-    op, path, offset, length, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    op, path = sys.argv[1], sys.argv[2]
+    offset, length, seed = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     if op == "write":
         data = random.Random(seed).randbytes(length)
         fd = os.open(path, os.O_WRONLY)
@@ -190,10 +196,8 @@ def unprivileged():
         for pool in state["pools"]:
             pid = holder_pid(pool)
             if pid and process_uid(pid) == pw.pw_uid:  # never anything but the user's daemon
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 wait_gone(pid)
         os.chmod("/dev/fuse", fuse_mode)
         shutil.rmtree(base, ignore_errors=True)
@@ -230,8 +234,8 @@ def test_mount_as_unprivileged_user(unprivileged):
     user.fusepool("create", pool, "v", "--size", "16M")
     size = 3 << 20
     offset = 12345
-    assert user.python("-c", IO_SCRIPT, "write", mnt / "v", offset, size, 1).stdout.strip() == digest(1, size)
-    assert user.python("-c", IO_SCRIPT, "read", mnt / "v", 0, offset, 0).stdout.strip() == zeros_digest(offset)
+    assert io(user, "write", mnt / "v", offset, size, 1).stdout.strip() == digest(1, size)
+    assert io(user, "read", mnt / "v", 0, offset, 0).stdout.strip() == zeros_digest(offset)
     entries = [line.split() for line in user.run("ls", "-ln", mnt).stdout.splitlines()[1:]]
     assert [(e[2], e[-1]) for e in entries] == [(str(uid), "v")], entries
     vols = json.loads(user.fusepool("list", pool, "--json").stdout)
@@ -240,8 +244,8 @@ def test_mount_as_unprivileged_user(unprivileged):
 
     # snapshot online, then diverge: the snapshot keeps the old bytes
     user.fusepool("snapshot", pool, "v", "snap")
-    assert user.python("-c", IO_SCRIPT, "write", mnt / "v", offset, size, 2).stdout.strip() == digest(2, size)
-    assert user.python("-c", IO_SCRIPT, "read", mnt / "snap", offset, size, 0).stdout.strip() == digest(1, size)
+    assert io(user, "write", mnt / "v", offset, size, 2).stdout.strip() == digest(2, size)
+    assert io(user, "read", mnt / "snap", offset, size, 0).stdout.strip() == digest(1, size)
 
     # umount as the user: the mount goes away and the daemon exits
     user.fusepool("umount", mnt, timeout=90)
@@ -255,9 +259,9 @@ def test_mount_as_unprivileged_user(unprivileged):
     # remount and read everything back
     user.fusepool("mount", pool, mnt, timeout=60)
     assert f"user_id={uid}" in mount_line(mnt).split()[3].split(",")
-    assert user.python("-c", IO_SCRIPT, "read", mnt / "v", offset, size, 0).stdout.strip() == digest(2, size)
-    assert user.python("-c", IO_SCRIPT, "read", mnt / "snap", offset, size, 0).stdout.strip() == digest(1, size)
-    assert user.python("-c", IO_SCRIPT, "read", mnt / "v", 0, offset, 0).stdout.strip() == zeros_digest(offset)
+    assert io(user, "read", mnt / "v", offset, size, 0).stdout.strip() == digest(2, size)
+    assert io(user, "read", mnt / "snap", offset, size, 0).stdout.strip() == digest(1, size)
+    assert io(user, "read", mnt / "v", 0, offset, 0).stdout.strip() == zeros_digest(offset)
     info = json.loads(user.fusepool("info", pool, "--json").stdout)
     assert info["mounted"] == str(mnt)
     assert info["volume_count"] == 2

@@ -18,13 +18,12 @@ import errno
 import os
 import random
 import re
-import subprocess
 import threading
 import time
 
 import pytest
-
 from conftest import check_blocks, fusepool_json, read_all, run_fusepool, write_fully
+
 from fusepool.check import check_pool
 from fusepool.cli import pool_call
 from fusepool.units import parse_size
@@ -169,7 +168,7 @@ def test_data_full_enospc_with_concurrent_writers(make_pool, make_mount, recover
     st = info(pool)
     assert st["data_blocks_free"] == 0 and st["data_space_used"] == st["data_space_total"] == 16 * MiB
     assert sum(len(w.model) for w in writers) + len(other) == 16 * MiB  # every block was used
-    models = {"other": other} | {n: w.model for n, w in zip(names, writers)}
+    models = {"other": other} | {n: w.model for n, w in zip(names, writers, strict=False)}
     verify(m, models)
 
     # Error mode: an allocating write fails at once, in every volume.
@@ -195,7 +194,7 @@ def test_data_full_enospc_with_concurrent_writers(make_pool, make_mount, recover
         except BaseException as exc:  # noqa: BLE001
             errors.append((name, exc))
 
-    synced = {"other": len(other)} | {n: w.synced for n, w in zip(names, writers)}
+    synced = {"other": len(other)} | {n: w.synced for n, w in zip(names, writers, strict=False)}
     errors = []
     threads = [threading.Thread(target=overwrite, args=(n, 100 + i)) for i, n in enumerate(models)]
     for t in threads:
@@ -219,7 +218,7 @@ def test_data_full_enospc_with_concurrent_writers(make_pool, make_mount, recover
     writers = run_writers([Writer(m.vol(n), seed=50 + i, model=models[n]) for i, n in enumerate(resumed)])
     for w in writers:
         assert_enospc(w.error, f"resumed writer on {w.path.name} ({w.failed_in})")
-    for name, w in zip(resumed, writers):
+    for name, w in zip(resumed, writers, strict=False):
         assert w.writes > 0, f"{name}: no write succeeded after the {recovery}"
     st = info(pool)
     assert st["data_blocks_free"] == 0
@@ -505,7 +504,7 @@ def test_host_filesystem_full_under_data_file(hostfs_pool):
     st = fusepool_json("info", pool)  # the daemon still answers
     assert st["read_only"] is None, st["read_only"]
     assert st["data_blocks_free"] > 0  # the pool itself is far from full
-    models = {"other": bytearray(other)} | {n: w.model for n, w in zip(names, writers)}
+    models = {"other": bytearray(other)} | {n: w.model for n, w in zip(names, writers, strict=False)}
     # While the daemon runs, everything written (fsync-ed or not) reads back.
     verify(m, models)
 

@@ -235,7 +235,7 @@ def _check_sharing(ir: MetadataIR) -> None:
     owner: dict[int, tuple[int, int]] = {}  # data block -> (dev_id, time) of first mapping seen
     by_id = {d.dev_id: d for d in ir.devices}
     for dev in ir.devices:
-        for origin, data, length, t in dev.runs:
+        for _origin, data, length, t in dev.runs:
             for db in range(data, data + length):
                 first = owner.get(db)
                 if first is None:
@@ -495,10 +495,8 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
         PoolConfig(uuid, bs).save(pool_dir)
     except BaseException:
         for path in made + [os.path.join(pool_dir, "pool.json.tmp")]:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
         if made_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(pool_dir)

@@ -21,8 +21,20 @@ import xxhash
 
 from fusepool.errors import Corrupt, MetadataFull
 from fusepool.metadata.format import (
-    COUNTS_PER_PAGE, FANOUT, FIRST_DATA_PAGE, FLAG_NEEDS_CHECK, PAGE_NODE, PAGE_ROOT, PAGE_SIZE,
-    PAGE_SPACEMAP, HEADER_SIZE, SUPERBLOCK_SLOTS, Superblock, decode_root, encode_root, pack_page,
+    COUNTS_PER_PAGE,
+    FANOUT,
+    FIRST_DATA_PAGE,
+    FLAG_NEEDS_CHECK,
+    HEADER_SIZE,
+    PAGE_NODE,
+    PAGE_ROOT,
+    PAGE_SIZE,
+    PAGE_SPACEMAP,
+    SUPERBLOCK_SLOTS,
+    Superblock,
+    decode_root,
+    encode_root,
+    pack_page,
     unpack_page,
 )
 from fusepool.metadata.tree import Node
@@ -95,7 +107,8 @@ class MetadataStore:
             os.close(fd)
 
     @classmethod
-    def open(cls, path: str, readonly: bool = False, use_slot: int | None = None) -> tuple["MetadataStore", Loaded]:
+    def open(cls, path: str, readonly: bool = False,
+             use_slot: int | None = None) -> tuple["MetadataStore", Loaded]:
         """Open at the newest valid commit (or at ``use_slot``, for repair)."""
         fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
         try:
@@ -253,7 +266,8 @@ class MetadataStore:
             for start in range(0, len(blob), _ROOT_PAYLOAD):
                 page_no = self._allocate()
                 root_pages.append(page_no)
-                writes.append((page_no, pack_page(PAGE_ROOT, page_no, txn, blob[start : start + _ROOT_PAYLOAD])))
+                piece = blob[start : start + _ROOT_PAYLOAD]
+                writes.append((page_no, pack_page(PAGE_ROOT, page_no, txn, piece)))
             sb = Superblock(self.superblock.uuid, txn, time, self.superblock.block_size, nr_data_blocks,
                             self.superblock.nr_meta_pages,
                             self.superblock.flags if flags is None else flags,
