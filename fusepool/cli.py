@@ -48,7 +48,7 @@ def pool_call(pool_dir: str, op: str, args: dict | None = None, output=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="fusepool: %(message)s")
     from fusepool import commands
-    from fusepool.pool import Pool
+    from fusepool.engine import Pool
 
     with Pool.open(pool_dir) as pool:
         result = commands.run(pool, op, args or {})
@@ -74,7 +74,7 @@ def emit_json(value) -> None:
 # --- subcommands ----------------------------------------------------------------------------
 
 def cmd_init(a) -> None:
-    from fusepool.pool import Pool
+    from fusepool.engine import Pool
 
     block_size = parse_size(a.block_size)
     data_size = Pool.create(
@@ -555,7 +555,7 @@ def cmd_export(a) -> None:
             pool_call(pool_dir, "remove", {"name": temp})
     else:
         from fusepool import commands
-        from fusepool.pool import Pool
+        from fusepool.engine import Pool
 
         with Pool.open(pool_dir) as pool:
             dev = pool.volume(a.name)
@@ -600,7 +600,7 @@ def cmd_import(a) -> None:
             pool_call(pool_dir, "remove", {"name": a.name})  # no half-made volume
             raise
     else:
-        from fusepool.pool import Pool
+        from fusepool.engine import Pool
 
         with Pool.open(pool_dir) as pool:
             dev = pool.create_volume(a.name, size)

@@ -7,8 +7,8 @@ not.
 """
 
 from fusepool.control import Streamed
+from fusepool.engine import Pool
 from fusepool.errors import UsageError
-from fusepool.pool import Pool
 
 
 def run(pool: Pool, op: str, args: dict):

@@ -3,7 +3,7 @@
 One directory (the mount root) holds one regular file per visible volume.
 Inode numbers derive from device ids, so they are stable across mounts and
 need no table; file handles map to device ids.  Storage logic lives in
-:class:`fusepool.pool.Pool`; this module only translates, and turns engine
+:class:`fusepool.engine.Pool`; this module only translates, and turns engine
 errors into errnos in one place (:func:`fuse_errors`).
 """
 
@@ -17,9 +17,9 @@ import stat
 import pyfuse3
 import trio
 
+from fusepool.engine import CONTROL_NAME, Pool
 from fusepool.errors import PoolError, PoolFull
 from fusepool.metadata.format import MAX_DEV_ID
-from fusepool.pool import CONTROL_NAME, Pool
 
 log = logging.getLogger(__name__)
 

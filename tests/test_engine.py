@@ -1,4 +1,4 @@
-"""Unit tests of the engine (fusepool.pool.Pool and the metadata store), no FUSE.
+"""Unit tests of the engine (fusepool.engine.Pool and the metadata store), no FUSE.
 
 Organised by the semantic contract in DESIGN.md section 1:
 
@@ -28,6 +28,7 @@ from engine_model import (
     verify_all,
 )
 
+from fusepool.engine import MAX_VOLUME_SIZE, METADATA_RESERVE_PAGES, Pool, min_metadata_pages
 from fusepool.errors import (
     BelowMinFreeSpace,
     Corrupt,
@@ -45,7 +46,6 @@ from fusepool.errors import (
 from fusepool.metadata.format import FANOUT, PAGE_SIZE
 from fusepool.metadata.store import MetadataStore, read_superblocks
 from fusepool.metadata.tree import Tree
-from fusepool.pool import MAX_VOLUME_SIZE, METADATA_RESERVE_PAGES, Pool, min_metadata_pages
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BS = 64 * KiB

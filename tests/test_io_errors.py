@@ -29,12 +29,12 @@ from faultfs import FaultFS, write_image
 
 from fusepool.check import check_offline, check_pool, repair
 from fusepool.cli import format_info
+from fusepool.engine import Pool
 from fusepool.errors import PoolError, ReadOnlyPool
 from fusepool.fs import INODE_BASE, FusepoolOperations
 from fusepool.metadata.format import FANOUT, FLAG_NEEDS_CHECK, PAGE_SIZE
 from fusepool.metadata.store import read_superblocks
 from fusepool.mount import Daemon
-from fusepool.pool import Pool
 
 BS = 64 << 10
 FILES = ("data", "metadata", "journal")

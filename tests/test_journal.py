@@ -14,10 +14,10 @@ from conftest import read_all, run_fusepool
 
 from fusepool.check import check_pool, repair
 from fusepool.config import JOURNAL
+from fusepool.engine import Pool
 from fusepool.errors import Corrupt
 from fusepool.metadata import journal as journal_format
 from fusepool.metadata.format import UNMAPPED
-from fusepool.pool import Pool
 
 BS = 64 << 10
 
@@ -170,7 +170,7 @@ def test_structure_changes_and_long_journals_take_a_full_commit(tmp_path, monkey
         pool.write(v.dev_id, BS, pattern(2, BS))
         pool.sync()
         assert (pool.commits, pool.journal_syncs) == (commits, 1)
-        monkeypatch.setattr("fusepool.pool.JOURNAL_MAX_MAPPINGS", 3)
+        monkeypatch.setattr("fusepool.engine.txn.JOURNAL_MAX_MAPPINGS", 3)
         pool.write(v.dev_id, 8 * BS, pattern(3, 4 * BS))  # 4 mappings: over the limit
         pool.sync()
         assert (pool.commits, pool.journal_syncs) == (commits + 1, 1)

@@ -22,7 +22,7 @@ from conftest import check_blocks, fusepool_json, read_all, run_fusepool
 from test_space import check_clean, wait_for, write_fully
 
 from fusepool import autoextend
-from fusepool.pool import Pool
+from fusepool.engine import Pool
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB

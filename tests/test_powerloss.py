@@ -42,12 +42,13 @@ from conftest import write_report as write_report_json
 from engine_model import VolumeModel, check_invariants, crash, first_difference, verify_all
 from faultfs import POLICIES, Event, FaultFS, write_image
 
-import fusepool.pool as pool_module
+import fusepool.engine.datapath as datapath_module
+import fusepool.engine.pool as pool_module
 from fusepool.check import check_pool
+from fusepool.engine import Pool
 from fusepool.errors import Corrupt, PoolFull
 from fusepool.metadata.format import PAGE_SIZE, Superblock
 from fusepool.metadata.store import CURRENT
-from fusepool.pool import Pool
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
@@ -582,7 +583,9 @@ def test_power_loss_random_workload(tmp_path, fs, seed, monkeypatch):
     # A fake wall clock: the device table (with its timestamps) then has the same size in
     # every run, so the page layout, the I/O events and the cuts are reproducible by seed.
     ticks = iter(range(1_700_000_000, 1 << 62))
-    monkeypatch.setattr(pool_module, "wallclock", SimpleNamespace(time=lambda: float(next(ticks))))
+    clock = SimpleNamespace(time=lambda: float(next(ticks)))
+    for module in (pool_module, datapath_module):
+        monkeypatch.setattr(module, "wallclock", clock)
     start = time.monotonic()
     events0 = fs.events
     w = Workload(tmp_path, seed, fs)

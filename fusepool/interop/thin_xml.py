@@ -402,11 +402,11 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
     from array import array
 
     from fusepool.config import DATA, METADATA, PoolConfig
+    from fusepool.engine import MAX_METADATA_SIZE, min_metadata_pages, validate_name
     from fusepool.metadata.format import FANOUT, PAGE_SIZE, TIME_BITS, Superblock
     from fusepool.metadata.spacemap import DataSpaceMap
     from fusepool.metadata.store import MetadataStore
     from fusepool.metadata.tree import Tree, height_for
-    from fusepool.pool import MAX_METADATA_SIZE, min_metadata_pages, validate_name
 
     bs = ir.block_size
     try:  # a file or a block device: a directory or a FIFO is refused before it is opened

@@ -1,0 +1,282 @@
+"""Transactions: commit, the sync journal and its replay, and the failure state.
+
+A room of :class:`fusepool.engine.Pool` (it works on the pool's state: devices,
+trees, space map, metadata store, journal).  The durable order is data first,
+then the metadata that points at it; a failed data flush fails the pool
+(needs-check) and is never committed over.
+"""
+
+import errno
+import logging
+from array import array
+
+from fusepool.engine.device import (
+    Device,
+)
+from fusepool.errors import (
+    Corrupt,
+    MetadataFull,
+    PoolError,
+    PoolFailed,
+    PoolFull,
+    ReadOnlyPool,
+)
+from fusepool.metadata.format import (
+    FANOUT,
+    TIME_BITS,
+    TIME_MASK,
+    UNMAPPED,
+)
+from fusepool.metadata.tree import Tree, height_for
+
+log = logging.getLogger(__name__)
+
+METADATA_RESERVE_PAGES = 64  # kept free so a commit can always be written
+# Past these an fsync takes a full commit instead of a journal record (a long journal
+# would make a crash's replay slow and hold freed blocks back too long).
+JOURNAL_MAX_MAPPINGS = 100_000
+JOURNAL_MAX_BYTES = 16 << 20
+
+
+class Transactions:
+    """Commit, sync, journal replay, failure (a room of Pool)."""
+
+
+    def commit(self) -> int:
+        """Make every change so far durable: data first, then metadata.
+
+        Returns the transaction id (unchanged when nothing was dirty).
+        """
+        if not self.dirty:
+            if self.data_dirty and not self.readonly:  # in-place overwrites: FLUSH the data
+                if self.needs_check:  # (their earlier flush failed: never report them durable)
+                    raise PoolFailed(f"the pool is read-only: {self.failed}")
+                self._flush_data()
+            return self.store.superblock.transaction_id
+        self._check_writable()
+        # Data before the metadata that points at it.  A failed flush is never retried:
+        # Linux reports a writeback error once, and the next fdatasync would return 0.
+        self._flush_data()
+        try:
+            state = {"next_dev_id": self.next_dev_id,
+                     "devices": [d.to_record() for d in self.devices.values()]}
+            roots = {d.dev_id: d.root for d in self.devices.values()}
+            txn = self.store.commit(state, roots, self.space, self.time, self.nr_blocks)
+        except MetadataFull as exc:
+            self._fail(str(exc) + "; extend the metadata with `fusepool extend POOL --metadata-size SIZE`")
+            raise ReadOnlyPool(self.failed) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The host filesystem is full under the sparse files.  The store rolled
+                # the commit back, so nothing is damaged: stay writable and retry later.
+                raise PoolFull(f"the host filesystem under {self.path} is full: metadata not "
+                               "committed (free space on the host)") from None
+            self._fail_needs_check(f"writing the metadata failed ({exc.strerror or exc})")
+            raise PoolFailed(self.failed) from None
+        self.dirty = False
+        self.tree.dirtied = 0
+        self.commits += 1
+        self.journal.reset()  # its records are in this commit now
+        self.unsynced = {}
+        self.structure_changed = False
+        freed = self.space.committed()
+        if freed:
+            self._arm_space_watch()  # free space came back: the low-water event re-arms
+        try:
+            self.data.punch(freed)
+        except OSError as exc:  # space stays allocated on the host: harmless
+            log.warning("could not punch holes for %d freed blocks: %s", len(freed), exc)
+        return txn
+
+    def sync(self) -> None:
+        """What a FLUSH (fsync) needs: everything written so far made durable.
+
+        Data-path changes since the last commit (writes, discards) go to the
+        journal: one append and two fdatasyncs, whatever the size of the trees.
+        Anything else, a journal grown too long or a journal write that fails
+        takes a full commit.  A failed flush of the data fails the sync (EIO)
+        and the pool (see :meth:`_flush_data`): it never falls back to a commit.
+        """
+        if self.needs_check and (self.dirty or self.data_dirty):
+            raise PoolFailed(f"the pool is read-only: {self.failed}")
+        if not self.dirty or not self._journal_fits():
+            self.commit()
+            return
+        self._check_writable()
+        if self.data_dirty:  # (an fdatasync with nothing to write still flushes the disk)
+            self._flush_data()
+        try:
+            self.journal.append(self._uuid_bytes, self.store.superblock.transaction_id, self.time,
+                                *self._journal_payload())
+        except OSError as exc:  # only the journal failed: the commit makes it all durable
+            log.info("journal append failed (%s): committing instead", exc)
+            self.commit()
+            return
+        self.unsynced = {}
+        self.journal_syncs += 1
+
+    def _journal_fits(self) -> bool:
+        if self.structure_changed or self.readonly or self.failed is not None:
+            return False
+        if self.time != self.store.superblock.time:
+            return False
+        changed = sum(len(vbs) for vbs in self.unsynced.values())
+        return changed <= JOURNAL_MAX_MAPPINGS and self.journal.end + 24 * changed <= JOURNAL_MAX_BYTES
+
+    def _journal_payload(self) -> tuple[list[tuple[int, int, int]], array]:
+        devices = []
+        mappings = array("Q")
+        for dev_id, vbs in self.unsynced.items():
+            dev = self.devices.get(dev_id)
+            if dev is None:  # (dropped: a structure change, so never here)
+                continue
+            devices.append((dev_id, dev.size, int(dev.mtime * 1e9)))
+            root = dev.root
+            leaf_index, leaf = -1, None
+            for vb in sorted(vbs):
+                if vb // FANOUT != leaf_index:
+                    leaf_index = vb // FANOUT
+                    leaf = Tree.leaf(root, leaf_index)
+                mappings.extend((dev_id, vb, leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED))
+        return devices, mappings
+
+    def _replay_journal(self, sb) -> None:
+        """Apply the journal records that follow the commit just opened (after a crash)."""
+        records = self.journal.read(self._uuid_bytes, sb.transaction_id)
+        if not records:
+            return
+        nr_mappings = sum(r.nr_mappings for r in records)
+        try:
+            for record in records:
+                if record.time != self.time:
+                    raise Corrupt(f"record {record.seq} has pool time {record.time}, the commit "
+                                  f"{self.time}")
+                self._apply_record(record)
+        except Corrupt as exc:
+            raise Corrupt(f"the journal of pool {self.path} does not apply to its metadata ({exc}); "
+                          f"run `fusepool check {self.path}` and `fusepool repair {self.path}`") from None
+        log.info("pool %s: replayed %d journal record(s), %d mapping(s), on top of transaction %d",
+                 self.path, len(records), nr_mappings, sb.transaction_id)
+        self.unsynced = {}
+
+    def _apply_record(self, record) -> None:
+        for dev_id, size, mtime_ns in record.devices:
+            dev = self.devices.get(dev_id)
+            if dev is None:
+                raise Corrupt(f"record {record.seq} names device {dev_id}, which does not exist")
+            if size > dev.size:
+                self._grow_device(dev, size)
+            dev.mtime = mtime_ns / 1e9
+        words = record.mappings
+        changes: dict[int, list[tuple[int, int]]] = {}
+        for i in range(0, len(words), 3):
+            dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
+            dev = self.devices.get(dev_id)
+            if dev is None or vb >= self._blocks_for(dev.size):
+                raise Corrupt(f"record {record.seq} maps block {vb} of device {dev_id}, "
+                              "outside every volume")
+            if entry != UNMAPPED and (entry >> TIME_BITS >= self.nr_blocks
+                                      or entry & TIME_MASK > self.time & TIME_MASK):
+                raise Corrupt(f"record {record.seq} maps to an invalid entry {entry:#x}")
+            changes.setdefault(dev_id, []).append((vb, entry))
+        for dev_id, dev_changes in changes.items():
+            self._set_entries(self.devices[dev_id], dev_changes)
+
+    def _set_entries(self, dev: Device, changes: list[tuple[int, int]]) -> None:
+        """Set mapping entries as a journal logged them; reference counts follow."""
+        level = height_for(self._blocks_for(dev.size))
+        space = self.space
+        leaf_index, leaf = -1, None
+        for vb, entry in changes:
+            if vb // FANOUT != leaf_index:
+                leaf_index = vb // FANOUT
+                dev.root, leaf = self.tree.writable_leaf(dev.root, level, leaf_index)
+            slot = vb % FANOUT
+            old = leaf.entries[slot]
+            if old == entry:
+                continue
+            if entry != UNMAPPED:  # the new block first: a count never dips to zero and back
+                block = entry >> TIME_BITS
+                if space.counts[block]:
+                    space.inc(block)
+                else:
+                    space.claim(block)
+                dev.mapped_blocks += 1
+            leaf.entries[slot] = entry
+            if old != UNMAPPED:
+                space.dec(old >> TIME_BITS)
+                dev.mapped_blocks -= 1
+        self.dirty = True
+
+    def _fail(self, reason: str) -> None:
+        """Stop accepting changes (dm-thin's read-only mode); reads still work."""
+        if self.failed is None:
+            log.error("pool %s is now read-only: %s", self.path, reason)
+        self.failed = reason
+
+    def _check_advice(self) -> str:
+        return (f"unmount it and run `fusepool check {self.path}` (a clean check clears the flag) "
+                f"or `fusepool repair {self.path}`")
+
+    def _fail_needs_check(self, reason: str) -> None:
+        """Stop for good: read-only, flagged needs-check on disk, nothing committed again.
+
+        dm-thin's answer to an I/O error or an internal error.  Only the flag is
+        written, into the superblock of the last commit (see
+        MetadataStore.mark_needs_check): the state in memory may be half-updated
+        and is never written.  Cleared by a clean ``fusepool check`` or by
+        ``fusepool repair``.
+        """
+        if self.needs_check:
+            return  # (the first cause is the one to report)
+        self.needs_check = True
+        self.failed = None  # (a metadata-full failure, say, is superseded)
+        self._fail(f"{reason}; the pool needs checking: {self._check_advice()}")
+        if self.readonly:
+            return
+        try:
+            self.store.mark_needs_check()
+        except OSError as exc:  # the metadata cannot be written either: memory only
+            log.error("pool %s: could not set the needs-check flag on disk: %s", self.path, exc)
+
+    def fail_unexpected(self, reason: str) -> None:
+        """An adapter caught an exception the engine did not expect (a bug).
+
+        The engine may have stopped half-way through a change (a remap cut
+        short), so the state in memory is not trusted: the pool fails as on
+        an I/O error and the last commit stays the durable state.
+        """
+        self._fail_needs_check(f"unexpected error: {reason}")
+
+    def _flush_data(self) -> None:
+        """fdatasync the data image; a failure fails the pool (PoolFailed, EIO)."""
+        try:
+            self.data.flush()
+        except OSError as exc:
+            self._fail_needs_check(f"flushing the data to {self.data.path} failed "
+                                   f"({exc.strerror or exc}): writes since the last commit may be lost")
+            raise PoolFailed(self.failed) from None
+        self.data_dirty = False
+
+    def _data_write_error(self, exc: OSError) -> PoolError:
+        """What a failed write to the data image becomes: PoolFull, or a failed pool."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return PoolFull(f"the host filesystem under {self.path} is full")
+        self._fail_needs_check(f"writing to the data at {self.data.path} failed ({exc.strerror or exc})")
+        return PoolFailed(self.failed)
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyPool("the pool is open read-only")
+        if self.failed is not None:
+            raise ReadOnlyPool(f"the pool is read-only: {self.failed}")
+
+    def _ensure_metadata_room(self) -> None:
+        """Refuse a change that a commit could not store (dm-thin: metadata full)."""
+        pending = self.tree.dirtied + len(self.space.dirty_pages) + METADATA_RESERVE_PAGES
+        if self.store.free_pages < pending:
+            self.commit()  # frees the pages the previous transaction held
+            if self.store.free_pages < self.tree.dirtied + METADATA_RESERVE_PAGES:
+                raise MetadataFull("pool is out of metadata space; extend it with "
+                                   f"`fusepool extend {self.path} --metadata-size SIZE`")
+
