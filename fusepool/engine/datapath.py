@@ -25,7 +25,7 @@ from fusepool.metadata.format import (
     TIME_MASK,
     UNMAPPED,
 )
-from fusepool.metadata.tree import Tree, height_for
+from fusepool.metadata.tree import LeafCursor, Tree, WritableLeafCursor, height_for
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,15 @@ class DataPath:
             return b""
         bs = self.block_size
         zero = memoryview(self.zero_block)
-        root = dev.root
+        cursor = LeafCursor(dev.root)
         parts: list = []
         run_pos = run_len = 0  # a pending run of physically contiguous mapped bytes
-        leaf_index, leaf = -1, None
         vb = offset // bs
         pos = offset
         while pos < end:
             lo = pos - vb * bs
             hi = min(end - vb * bs, bs)
-            if vb // FANOUT != leaf_index:
-                leaf_index = vb // FANOUT
-                leaf = Tree.leaf(root, leaf_index)
-            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+            entry = cursor.entry(vb)
             if entry == UNMAPPED:
                 if run_len:
                     parts.append(self.data.read(0, run_pos, run_len))
@@ -243,15 +239,13 @@ class DataPath:
 
     def _remap(self, dev: Device, changes: list[tuple[int, int]]) -> None:
         """Point virtual blocks at new data blocks (or UNMAPPED); adjust counts."""
-        level = height_for(self._blocks_for(dev.size))
+        cursor = WritableLeafCursor(self.tree, dev.root, height_for(self._blocks_for(dev.size)))
         stamp = self.time & TIME_MASK
-        leaf_index, leaf = -1, None
         unsynced = self.unsynced.setdefault(dev.dev_id, set())
         for vb, new in changes:
             unsynced.add(vb)
-            if vb // FANOUT != leaf_index:
-                leaf_index = vb // FANOUT
-                dev.root, leaf = self.tree.writable_leaf(dev.root, level, leaf_index)
+            leaf = cursor.leaf_for(vb)
+            dev.root = cursor.root
             slot = vb % FANOUT
             old = leaf.entries[slot]
             if new == UNMAPPED:

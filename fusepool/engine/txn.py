@@ -27,7 +27,7 @@ from fusepool.metadata.format import (
     TIME_MASK,
     UNMAPPED,
 )
-from fusepool.metadata.tree import Tree, height_for
+from fusepool.metadata.tree import LeafCursor, WritableLeafCursor, height_for
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,9 @@ class Transactions:
             if dev is None:  # (dropped: a structure change, so never here)
                 continue
             devices.append((dev_id, dev.size, int(dev.mtime * 1e9)))
-            root = dev.root
-            leaf_index, leaf = -1, None
+            cursor = LeafCursor(dev.root)
             for vb in sorted(vbs):
-                if vb // FANOUT != leaf_index:
-                    leaf_index = vb // FANOUT
-                    leaf = Tree.leaf(root, leaf_index)
-                mappings.extend((dev_id, vb, leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED))
+                mappings.extend((dev_id, vb, cursor.entry(vb)))
         return devices, mappings
 
     def _replay_journal(self, sb) -> None:
@@ -184,13 +180,11 @@ class Transactions:
 
     def _set_entries(self, dev: Device, changes: list[tuple[int, int]]) -> None:
         """Set mapping entries as a journal logged them; reference counts follow."""
-        level = height_for(self._blocks_for(dev.size))
+        cursor = WritableLeafCursor(self.tree, dev.root, height_for(self._blocks_for(dev.size)))
         space = self.space
-        leaf_index, leaf = -1, None
         for vb, entry in changes:
-            if vb // FANOUT != leaf_index:
-                leaf_index = vb // FANOUT
-                dev.root, leaf = self.tree.writable_leaf(dev.root, level, leaf_index)
+            leaf = cursor.leaf_for(vb)
+            dev.root = cursor.root
             slot = vb % FANOUT
             old = leaf.entries[slot]
             if old == entry:
