@@ -55,7 +55,7 @@ from fusepool.engine.device import (
 )
 from fusepool.engine.space import SpacePolicy, min_metadata_pages
 from fusepool.engine.stats import Statistics
-from fusepool.engine.txn import Transactions
+from fusepool.engine.txn import Health, Transactions
 from fusepool.errors import (
     Corrupt,
     InvalidArgument,
@@ -216,10 +216,11 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         self.config = config
         self.lock = lock
         self.readonly = readonly
-        self.failed: str | None = None  # set when the pool stops accepting changes
-        # dm-thin's needs_check: an I/O error or an internal error stopped the pool; it
-        # stays read-only, across opens (superblock flag), until check or repair.
-        self.needs_check = False
+        # Read-only while not WRITABLE (txn.Health): metadata full until extended, or
+        # needs-check (an I/O or internal error; a superblock flag, so across opens)
+        # until check or repair.  `failure` says why.
+        self.health = Health.WRITABLE
+        self.failure: str | None = None
         try:
             self.store, loaded = MetadataStore.open(os.path.join(path, METADATA), readonly)
         except Corrupt as exc:
@@ -286,9 +287,9 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         elif sb.flags & FLAG_NEEDS_CHECK:
             log.warning("pool %s is flagged needs-check: read-only until `fusepool check` or "
                         "`fusepool repair`", path)
-            self.needs_check = True
-            self.failed = (f"the pool is flagged needs-check (an I/O error or an internal error "
-                           f"stopped it earlier); {self._check_advice()}")
+            self.health = Health.NEEDS_CHECK
+            self.failure = (f"the pool is flagged needs-check (an I/O error or an internal error "
+                            f"stopped it earlier); {self._check_advice()}")
             self.dirty = False  # (a journal replayed above is durable already: an fsync succeeds)
         if not readonly and self.failed is None:
             self.data.grow(self.nr_blocks * self.block_size)

@@ -12,7 +12,7 @@ from fusepool import autoextend
 from fusepool.engine.device import (
     MAX_METADATA_SIZE,
 )
-from fusepool.engine.txn import METADATA_RESERVE_PAGES
+from fusepool.engine.txn import METADATA_RESERVE_PAGES, Health
 from fusepool.errors import (
     BelowMinFreeSpace,
     InvalidArgument,
@@ -61,17 +61,14 @@ class SpacePolicy:
             raise UsageError(f"metadata space too small for {nr_blocks} data blocks: extend it to at "
                              f"least {bytes_size(min_metadata_pages(nr_blocks) * PAGE_SIZE)} too "
                              "(--metadata-size)")
-        if self.failed is not None and (self.needs_check or not (
-                meta_pages > self.store.superblock.nr_meta_pages and "metadata" in self.failed)):
-            self._check_writable()
+        if not (self.health is Health.METADATA_FULL and meta_pages > self.store.superblock.nr_meta_pages):
+            self._check_writable()  # (growing the metadata is what a metadata-full pool waits for)
         if nr_blocks > self.nr_blocks:  # the data first: a device too small or a host too
             self.data.grow(nr_blocks * self.block_size)  # full for a preallocated file stop here
         if meta_pages > self.store.superblock.nr_meta_pages:
             self.store.grow(meta_pages)
             self.dirty = self.structure_changed = True
-            if self.failed is not None and "metadata" in self.failed and not self.needs_check:
-                log.info("metadata extended: pool %s is writable again", self.path)
-                self.failed = None
+            self._recover_metadata_full()
         if nr_blocks > self.nr_blocks:
             self._grow_data(nr_blocks)
         self.commit()

@@ -6,6 +6,7 @@ then the metadata that points at it; a failed data flush fails the pool
 (needs-check) and is never committed over.
 """
 
+import enum
 import errno
 import logging
 from array import array
@@ -38,6 +39,17 @@ JOURNAL_MAX_MAPPINGS = 100_000
 JOURNAL_MAX_BYTES = 16 << 20
 
 
+class Health(enum.Enum):
+    """Whether the pool takes changes (dm-thin's pool modes)."""
+
+    WRITABLE = "writable"
+    # Out of metadata space: read-only until the metadata is extended (online).
+    METADATA_FULL = "metadata full"
+    # An I/O error or an internal error: read-only, flagged needs-check on disk,
+    # until a clean `fusepool check` or `fusepool repair` (dm-thin's needs_check).
+    NEEDS_CHECK = "needs check"
+
+
 class Transactions:
     """Commit, sync, journal replay, failure (a room of Pool)."""
 
@@ -63,7 +75,8 @@ class Transactions:
             roots = {d.dev_id: d.root for d in self.devices.values()}
             txn = self.store.commit(state, roots, self.space, self.time, self.nr_blocks)
         except MetadataFull as exc:
-            self._fail(str(exc) + "; extend the metadata with `fusepool extend POOL --metadata-size SIZE`")
+            self._fail(Health.METADATA_FULL,
+                       f"{exc}; extend the metadata with `fusepool extend POOL --metadata-size SIZE`")
             raise ReadOnlyPool(self.failed) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -202,11 +215,26 @@ class Transactions:
                 dev.mapped_blocks -= 1
         self.dirty = True
 
-    def _fail(self, reason: str) -> None:
+    @property
+    def failed(self) -> str | None:
+        """Why the pool takes no changes (None while it is writable)."""
+        return None if self.health is Health.WRITABLE else self.failure
+
+    @property
+    def needs_check(self) -> bool:
+        return self.health is Health.NEEDS_CHECK
+
+    def _fail(self, health: Health, reason: str) -> None:
         """Stop accepting changes (dm-thin's read-only mode); reads still work."""
-        if self.failed is None:
+        if self.health is Health.WRITABLE:
             log.error("pool %s is now read-only: %s", self.path, reason)
-        self.failed = reason
+        self.health, self.failure = health, reason
+
+    def _recover_metadata_full(self) -> None:
+        """The metadata grew: a pool read-only only for lack of metadata space takes changes again."""
+        if self.health is Health.METADATA_FULL:
+            log.info("metadata extended: pool %s is writable again", self.path)
+            self.health, self.failure = Health.WRITABLE, None
 
     def _check_advice(self) -> str:
         return (f"unmount it and run `fusepool check {self.path}` (a clean check clears the flag) "
@@ -222,10 +250,8 @@ class Transactions:
         ``fusepool repair``.
         """
         if self.needs_check:
-            return  # (the first cause is the one to report)
-        self.needs_check = True
-        self.failed = None  # (a metadata-full failure, say, is superseded)
-        self._fail(f"{reason}; the pool needs checking: {self._check_advice()}")
+            return  # (the first cause is the one to report; a metadata-full one is superseded)
+        self._fail(Health.NEEDS_CHECK, f"{reason}; the pool needs checking: {self._check_advice()}")
         if self.readonly:
             return
         try:
