@@ -82,7 +82,8 @@ class FusepoolOperations(pyfuse3.Operations):
         self.handles: dict[int, int] = {}  # fh -> dev_id
         self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
-        self.initialised = trio.Event()  # the kernel has finished mounting
+        self.initialised = trio.Event()
+        self.flush_lock = trio.Lock()  # the kernel has finished mounting
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -294,7 +295,18 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
-        self.pool.sync()  # dm-thin: a FLUSH commits the metadata
+        # dm-thin's FLUSH.  Its two fdatasyncs run in a worker thread, so other requests
+        # go on meanwhile (see Pool.prepare_sync for why that is safe).  One FLUSH at a
+        # time, in arrival order (trio.Lock is fair): records must land in the order
+        # their mappings were taken.
+        async with self.flush_lock:
+            await self.run_flush_job(self.pool.prepare_sync())
+
+    async def run_flush_job(self, job) -> None:
+        """Run a prepared FLUSH's blocking I/O in a worker thread, then finish it here."""
+        if job is not None:
+            await trio.to_thread.run_sync(self.pool.run_sync, job)
+            self.pool.finish_sync(job)
 
     async def flush(self, fh):
         pass  # sent at every close(): no commit needed (DESIGN.md)

@@ -127,6 +127,9 @@ class Daemon:
         docs/performance.md).  In queue mode a write may wait for space, and that
         must not hold up every other request.
         """
+        override = os.environ.get("FUSEPOOL_FUSE_WORKERS", "")  # (for tools/bench-concurrency)
+        if override.isdigit() and int(override) > 0:
+            return int(override)
         return 1 if self.ops.no_space_timeout <= 0 else 64
 
     async def _commit_timer(self) -> None:
@@ -134,7 +137,11 @@ class Daemon:
             await trio.sleep(self.commit_period)
             if self.pool.dirty and self.pool.failed is None:
                 try:
-                    self.pool.commit()
+                    async with self.ops.flush_lock:
+                        # The data flush in a worker thread first: the commit's own, on the
+                        # event loop, then finds little left to write back.
+                        await self.ops.run_flush_job(self.pool.prepare_data_flush())
+                        self.pool.commit()
                 except PoolError as exc:
                     log.error("periodic commit failed: %s", exc)
 

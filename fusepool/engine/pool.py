@@ -30,6 +30,7 @@ Semantics (see docs/design.md for the full contract):
 import contextlib
 import logging
 import os
+import threading
 import time as wallclock
 import uuid as uuidlib
 
@@ -220,6 +221,9 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         # needs-check (an I/O or internal error; a superblock flag, so across opens)
         # until check or repair.  `failure` says why.
         self.health = Health.WRITABLE
+        # Held by whatever does metadata or flush I/O (commit on the loop, a FLUSH in a
+        # worker thread: txn.run_sync), so the two never interleave.
+        self.io_lock = threading.RLock()
         self.failure: str | None = None
         try:
             self.store, loaded = MetadataStore.open(os.path.join(path, METADATA), readonly)

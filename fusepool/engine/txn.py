@@ -10,6 +10,7 @@ import enum
 import errno
 import logging
 from array import array
+from dataclasses import dataclass
 
 from fusepool.engine.device import (
     Device,
@@ -50,6 +51,16 @@ class Health(enum.Enum):
     NEEDS_CHECK = "needs check"
 
 
+@dataclass
+class SyncJob:
+    """One FLUSH the journal takes: whether to fdatasync the data, and the record."""
+
+    flush_data: bool
+    record: tuple | None  # Journal.append's arguments; None: a data flush only
+    data_error: OSError | None = None
+    journal_error: OSError | None = None
+
+
 class Transactions:
     """Commit, sync, journal replay, failure (a room of Pool)."""
 
@@ -57,8 +68,15 @@ class Transactions:
     def commit(self) -> int:
         """Make every change so far durable: data first, then metadata.
 
-        Returns the transaction id (unchanged when nothing was dirty).
+        Returns the transaction id (unchanged when nothing was dirty).  Holds
+        ``io_lock``, so it never interleaves with a FLUSH running in a worker
+        thread (:meth:`run_sync`); on the event loop that wait is at most one
+        journal append.
         """
+        with self.io_lock:
+            return self._commit()
+
+    def _commit(self) -> int:
         if not self.dirty:
             if self.data_dirty and not self.readonly:  # in-place overwrites: FLUSH the data
                 if self.needs_check:  # (their earlier flush failed: never report them durable)
@@ -109,24 +127,85 @@ class Transactions:
         Anything else, a journal grown too long or a journal write that fails
         takes a full commit.  A failed flush of the data fails the sync (EIO)
         and the pool (see :meth:`_flush_data`): it never falls back to a commit.
+
+        The same in three steps, for a caller that runs the blocking middle one
+        in a worker thread (the FUSE adapter): :meth:`prepare_sync` on the event
+        loop, :meth:`run_sync` anywhere, :meth:`finish_sync` on the loop again.
+        """
+        job = self.prepare_sync()
+        if job is not None:
+            self.run_sync(job)
+            self.finish_sync(job)
+
+    def prepare_sync(self) -> "SyncJob | None":
+        """Take what the FLUSH must make durable, as of now; None if a commit did it.
+
+        The record's mappings are read here, on the loop, so they point only at
+        data written before this call; the data fdatasync in :meth:`run_sync`
+        starts after it, so that data is durable before the record is (data
+        before metadata).  Writes made meanwhile go to the next record or
+        commit.  Blocks they free are not reused before a commit, which resets
+        the journal, so a record never names a block that holds another
+        device's data.  Callers must run the FLUSHes one at a time, in the
+        order they were prepared (records replay in append order).
         """
         if self.needs_check and (self.dirty or self.data_dirty):
             raise PoolFailed(f"the pool is read-only: {self.failed}")
-        if not self.dirty or not self._journal_fits():
+        if not self.dirty:  # only overwrites in place (or nothing): a data flush is all
+            return self.prepare_data_flush()
+        if not self._journal_fits():
             self.commit()
-            return
+            return None
         self._check_writable()
-        if self.data_dirty:  # (an fdatasync with nothing to write still flushes the disk)
-            self._flush_data()
-        try:
-            self.journal.append(self._uuid_bytes, self.store.superblock.transaction_id, self.time,
-                                *self._journal_payload())
-        except OSError as exc:  # only the journal failed: the commit makes it all durable
-            log.info("journal append failed (%s): committing instead", exc)
+        job = SyncJob(self.data_dirty, (self._uuid_bytes, self.store.superblock.transaction_id,
+                                        self.time, *self._journal_payload()))
+        self.data_dirty = False  # (an fdatasync with nothing to write still flushes the disk)
+        self.unsynced = {}
+        return job
+
+    def prepare_data_flush(self) -> "SyncJob | None":
+        """A job that only fdatasyncs the data written so far (None if there is none).
+
+        For a FLUSH after overwrites in place, and before a periodic commit, so
+        that commit's own data flush on the event loop finds little left to do.
+        """
+        if not self.data_dirty or self.readonly:
+            return None
+        if self.needs_check:  # (their earlier flush failed: never report them durable)
+            raise PoolFailed(f"the pool is read-only: {self.failed}")
+        self.data_dirty = False
+        return SyncJob(True, None)
+
+    def run_sync(self, job: "SyncJob") -> None:
+        """The blocking part: fdatasync of the data, then the record's append.
+
+        Touches only the data file's descriptor and the journal, under
+        ``io_lock``; errors are kept in ``job`` for :meth:`finish_sync`.
+        """
+        with self.io_lock:
+            if job.flush_data:
+                try:
+                    self.data.flush()
+                except OSError as exc:
+                    job.data_error = exc
+                    return
+            if job.record is None:
+                return
+            try:
+                self.journal.append(*job.record)
+            except OSError as exc:
+                job.journal_error = exc
+
+    def finish_sync(self, job: "SyncJob") -> None:
+        """Back on the loop: a failed data flush fails the pool; a failed append commits."""
+        if job.data_error is not None:
+            raise self._data_flush_failed(job.data_error)
+        if job.journal_error is not None:  # only the journal failed: the commit makes it durable
+            log.info("journal append failed (%s): committing instead", job.journal_error)
             self.commit()
             return
-        self.unsynced = {}
-        self.journal_syncs += 1
+        if job.record is not None:
+            self.journal_syncs += 1
 
     def _journal_fits(self) -> bool:
         if self.structure_changed or self.readonly or self.failed is not None:
@@ -273,10 +352,13 @@ class Transactions:
         try:
             self.data.flush()
         except OSError as exc:
-            self._fail_needs_check(f"flushing the data to {self.data.path} failed "
-                                   f"({exc.strerror or exc}): writes since the last commit may be lost")
-            raise PoolFailed(self.failed) from None
+            raise self._data_flush_failed(exc) from None
         self.data_dirty = False
+
+    def _data_flush_failed(self, exc: OSError) -> PoolError:
+        self._fail_needs_check(f"flushing the data to {self.data.path} failed "
+                               f"({exc.strerror or exc}): writes since the last commit may be lost")
+        return PoolFailed(self.failed)
 
     def _data_write_error(self, exc: OSError) -> PoolError:
         """What a failed write to the data image becomes: PoolFull, or a failed pool."""
