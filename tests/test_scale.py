@@ -197,3 +197,47 @@ def test_work_is_proportional_to_distinct_nodes(tmp_path):
         before = walk.visits
         walk.delta(devs[-3].root, devs[-2].root)
         assert walk.visits - before <= 4 * (devs[-1].root.level + 1)
+
+
+def run_cli_with_stderr_on_a_terminal(*args) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal (stdout a pipe); returns (status, stderr)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fusepool", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=slave, timeout=120)
+        os.close(slave)
+        slave = None
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal is closed and drained
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    return proc.returncode, seen.decode()
+
+
+def test_dump_shows_progress_on_a_terminal_only(tmp_path):
+    from conftest import run_fusepool
+
+    path = new_pool(tmp_path, 4000)
+    with Pool.open(path) as pool:
+        docker_chain(pool, 1200, 6)
+    status, stderr = run_cli_with_stderr_on_a_terminal("dump", "-o", tmp_path / "tty.xml", path)
+    assert status == 0
+    assert "dump: " in stderr and "MiB written" in stderr and stderr.endswith("\n"), repr(stderr)
+    piped = run_fusepool("dump", "-o", tmp_path / "pipe.xml", path)
+    assert piped.stderr == ""  # not a terminal: nothing drawn
+    assert (tmp_path / "tty.xml").read_bytes() == (tmp_path / "pipe.xml").read_bytes()
+    assert run_fusepool("dump", path).stdout.encode() == (tmp_path / "pipe.xml").read_bytes()
