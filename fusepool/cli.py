@@ -494,7 +494,10 @@ def cmd_dump(a) -> None:
             check_output(path, pool_dir)
     with (open(open_output(a.output, pool_dir), "wb") if a.output
           else contextlib.nullcontext(sys.stdout.buffer)) as out:
-        res = pool_call(a.pool, "dump", output=out)
+        from fusepool.progress import counting
+
+        with counting(out, "dump") as shown:  # progress on a terminal: a big dump takes a while
+            res = pool_call(a.pool, "dump", output=shown)
     if a.names:
         with open(open_output(a.names, pool_dir), "w") as f:
             json.dump(res["names"], f, indent=2)

@@ -102,6 +102,13 @@ def test_smoke_run_reports_every_figure_and_leaves_nothing(tmp_path):
             "snapshot_growth", "snapshot_s", "cli_snapshot_s", "mount_s", "rss_bytes_per_block",
             "fsync_engine", "fsync_mount"}
 
+        rep = res["reporting"]  # issue #11's Docker-scale reporting case, at the smoke size
+        assert rep["pool"]["layers"] == 10 and rep["dump_bytes"] > 0
+        assert set(rep["times_s"]) == {"list", "thin_ls", "delta", "dump", "info", "check"}
+        assert all(min(t) > 0 for t in rep["times_s"].values())
+        assert {c["figure"] for c in rep["checks"]} == {
+            "report_list_s", "report_thin_ls_s", "report_delta_s", "report_dump_s"}
+
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert chart.stat().st_size > 10_000
         assert list(work.iterdir()) == [], "the temporary work directory is removed"
