@@ -14,11 +14,10 @@ import random
 import pytest
 
 from fusepool import commands
-from fusepool.engine import walks
+from fusepool.engine import Pool, walks
 from fusepool.interop.images import delta as brute_delta
 from fusepool.interop.thin_xml import dump, runs_of, write_xml
 from fusepool.metadata.format import FANOUT
-from fusepool.pool import Pool
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
