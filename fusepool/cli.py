@@ -83,7 +83,7 @@ def cmd_init(a) -> None:
         base_size=parse_size(a.base_size), min_free_space=parse_percent(a.min_free_space),
         skip_block_zeroing=a.skip_block_zeroing, no_space_timeout=a.no_space_timeout,
         mode=a.mode, data_device=a.data_device, preallocate=a.preallocate, force=a.force,
-        **space_settings(a))
+        zero_detection=a.zero_detection, **space_settings(a))
     config = require_pool(a.pool)
     where = (f"on {config.data_device}" if config.data_device else
              "preallocated" if config.preallocated else "sparse")
@@ -101,11 +101,14 @@ def space_settings(a) -> dict:
 
 def cmd_set(a) -> None:
     settings = space_settings(a)
+    if a.zero_detection is not None:
+        settings["zero_detection"] = a.zero_detection == "on"
     if not settings:
         raise UsageError("nothing to set: give --autoextend-threshold, --autoextend-percent, "
-                         "--max-data-size, --low-water-mark and/or --on-low-water")
+                         "--max-data-size, --low-water-mark, --on-low-water and/or --zero-detection")
     st = pool_call(a.pool, "set", settings)
-    print(f"autoextend: {describe_autoextend(st)}; low-water mark: {describe_low_water(st)}")
+    print(f"autoextend: {describe_autoextend(st)}; low-water mark: {describe_low_water(st)}; "
+          f"zero detection: {'on' if st.get('zero_detection') else 'off'}")
 
 
 def describe_autoextend(st: dict) -> str:
@@ -383,6 +386,7 @@ def format_info(st: dict) -> str:
         ("Low Water Mark", describe_low_water(st)),
         ("No Space Policy", f"queue ({st['no_space_timeout']:g} s)" if st.get("no_space_timeout")
          else "error"),
+        ("Zero Detection", "on" if st.get("zero_detection") else "off"),
         ("Volumes", str(st["volume_count"])),
         ("Mounted At", st.get("mounted") or "-"),
     ]
@@ -683,6 +687,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     help="refuse new volumes/snapshots below this free space (default 10%%)")
     sp.add_argument("--skip-block-zeroing", action="store_true",
                     help="do not zero new blocks on partial writes (stale data may show)")
+    sp.add_argument("--zero-detection", action="store_true",
+                    help="store nothing for writes of zeros into unmapped blocks and unmap blocks "
+                    "that writes leave all zeros (qemu's detect-zeroes=unmap; default off: zeros "
+                    "are provisioned like any data, as dm-thin does)")
     sp.add_argument("--no-space-timeout", type=non_negative_float, default=0.0, metavar="SECONDS",
                     help="out of data space: let allocating writes wait this long for space "
                     "before failing with ENOSPC (dm-thin's queue mode; default 0: fail at once)")
@@ -805,9 +813,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp = add("repair", cmd_repair, "rebuild the metadata from its newest intact commit")
     sp.add_argument("pool", metavar="POOL")
 
-    sp = add("set", cmd_set, "change a pool's autoextend and low-water settings (mounted or not)")
+    sp = add("set", cmd_set, "change a pool's autoextend, low-water and zero-detection settings "
+             "(mounted or not)")
     sp.add_argument("pool", metavar="POOL")
     add_space_options(sp, changing=True)
+    sp.add_argument("--zero-detection", choices=["on", "off"],
+                    help="on: writes of zeros into unmapped blocks store nothing and blocks left "
+                    "all zeros are unmapped; off: zeros are data (dm-thin)")
 
     sp = add("extend", cmd_extend, "grow the pool's data and/or metadata space")
     sp.add_argument("pool", metavar="POOL")

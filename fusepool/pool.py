@@ -11,8 +11,9 @@ Semantics (see docs/design.md for the full contract):
   ``name``, a virtual ``size`` and a copy-on-write mapping tree.
 - Writes allocate whole data blocks.  A partial write to a new block zero-fills
   the rest of it unless the pool skips block zeroing; a partial write to a
-  block shared with another device copies the block first; a whole-block write
-  of zeros unmaps the block.
+  block shared with another device copies the block first.  Zeros are data
+  like any other (dm-thin), unless the pool has zero detection: then zeros
+  into a hole store nothing and a block left all zeros is unmapped.
 - Metadata changes are held in memory until :meth:`commit`, which flushes the
   data image first (data before metadata).  Namespace changes (create,
   snapshot, remove, rename, resize) commit before they return.
@@ -171,7 +172,7 @@ class Pool:
                data_device: str | None = None, preallocate: bool = False, force: bool = False,
                autoextend_threshold: float = autoextend.OFF, autoextend_percent: float = 20.0,
                max_data_size: int = 0, low_water_mark: int = 0,
-               on_low_water: str | None = None) -> int:
+               on_low_water: str | None = None, zero_detection: bool = False) -> int:
         """Make a new pool directory (or fill an empty existing one); returns its data size.
 
         ``mode`` is "loop" (a sparse data file; the default) or "direct" (a
@@ -245,7 +246,8 @@ class Pool:
                        no_space_timeout, mode, data_device=data_device, preallocated=preallocate,
                        autoextend_threshold=autoextend_threshold,
                        autoextend_percent=autoextend_percent, max_data_size=max_data_size,
-                       low_water_mark=low_water_mark, on_low_water=on_low_water or None).save(path)
+                       low_water_mark=low_water_mark, on_low_water=on_low_water or None,
+                       zero_detection=bool(zero_detection)).save(path)
         except BaseException:
             for name in (DATA, METADATA, JOURNAL, "pool.json", "pool.json.tmp"):
                 with contextlib.suppress(FileNotFoundError):
@@ -959,12 +961,13 @@ class Pool:
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)  # startswith below needs the object itself
         zeros = memoryview(self.zero_block)
+        detect = self.config.zero_detection
         vb = offset // bs
         if (end <= dev.size and (end - 1) // bs == vb
-                and not data.startswith(zeros[: min(length, bs)])):
+                and not (detect and data.startswith(zeros[: min(length, bs)]))):
             # The common case first: an overwrite inside one block the volume owns
-            # (same tests as the in-place branch below; all-zero data goes the long
-            # way, for zero detection).
+            # (same tests as the in-place branch below; with zero detection, all-zero
+            # data goes the long way).
             leaf = Tree.leaf(dev.root, vb // FANOUT)
             entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
             block = entry >> TIME_BITS
@@ -1005,7 +1008,8 @@ class Pool:
             block = entry >> TIME_BITS
             whole = hi - lo == bs
             # In place, no copy: a memoryview compared with bytes goes byte by byte.
-            zero = not piece[0] and data.startswith(zeros[: hi - lo], pos - offset)
+            # Without zero detection zeros are data (dm-thin provisions them too).
+            zero = detect and not piece[0] and data.startswith(zeros[: hi - lo], pos - offset)
             if entry == UNMAPPED:
                 if zero:  # unmapped blocks read as zeros already: nothing to store
                     written += hi - lo
@@ -1211,10 +1215,14 @@ class Pool:
         """Change autoextend/low-water settings (``fusepool set``): validated, then saved.
 
         Keys: autoextend_threshold, autoextend_percent, max_data_size,
-        low_water_mark, on_low_water (an empty command removes the hook).
+        low_water_mark, on_low_water (an empty command removes the hook),
+        zero_detection (a bool; takes effect from the next write).
         """
         known = ("autoextend_threshold", "autoextend_percent", "max_data_size", "low_water_mark",
                  "on_low_water")
+        zero_detection = settings.pop("zero_detection", self.config.zero_detection)
+        if not isinstance(zero_detection, bool):
+            raise UsageError(f"zero_detection must be true or false, not {zero_detection!r}")
         unknown = sorted(set(settings) - set(known))
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(unknown)}")
@@ -1227,7 +1235,7 @@ class Pool:
         # (A maximum kept from before is not checked again: `extend` may have passed it.)
         autoextend.validate(self.config.mode, self.nr_blocks, self.block_size,
                             **values | ({} if "max_data_size" in settings else {"max_data_size": 0}))
-        config = dataclasses.replace(self.config, **values)
+        config = dataclasses.replace(self.config, **values, zero_detection=zero_detection)
         config.save(self.path)
         self.config = config
         if "on_low_water" in settings:  # the hook is now one this process wrote itself
@@ -1431,6 +1439,7 @@ class Pool:
             "min_free_space_percent": self.config.min_free_space,
             "skip_block_zeroing": self.config.skip_block_zeroing,
             "no_space_timeout": self.config.no_space_timeout,
+            "zero_detection": c.zero_detection,
             "deferred_deleted_device_count": deferred,
             "volume_count": len(self.names),
             "data_blocks_total": self.nr_blocks,
