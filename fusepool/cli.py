@@ -142,7 +142,7 @@ def cmd_mount(a) -> None:
     cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if a.debug else []) + [
         "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
         "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else []) + (
-        ["--writeback-cache"] if a.writeback_cache else []) + (
+        ["--write-through"] if a.write_through else []) + (
         ["--nonempty"] if a.nonempty else []) + (
         ["--no-space-timeout", str(a.no_space_timeout)] if a.no_space_timeout is not None else [])
     log_path = os.path.join(pool_dir, "fusepool.log")
@@ -183,7 +183,7 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
 
     try:
         serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other,
-              no_space_timeout=a.no_space_timeout, writeback_cache=a.writeback_cache,
+              no_space_timeout=a.no_space_timeout, writeback_cache=not a.write_through,
               nonempty=a.nonempty)
     except PoolError as exc:
         if ready_file and not ready_file.closed:
@@ -714,9 +714,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     sp.add_argument("--no-space-timeout", type=non_negative_float, metavar="SECONDS",
                     help="override the pool's out-of-space wait for this mount")
-    sp.add_argument("--writeback-cache", action="store_true",
-                    help="let the kernel cache writes (faster small writes; out-of-space errors "
-                         "then show at fsync or close: see docs/performance.md)")
+    cache = sp.add_mutually_exclusive_group()
+    cache.add_argument("--write-through", action="store_true",
+                       help="send every write to the daemon before it returns, so that errors "
+                       "(out of space) show at write(); the default is the kernel's writeback "
+                       "cache, as for a kernel thin volume's block device: writes return once "
+                       "cached, errors show at fsync or close (see README)")
+    cache.add_argument("--writeback-cache", action="store_true",
+                       help="the default (kept for compatibility; does nothing)")
     sp.add_argument("--nonempty", action="store_true",
                     help="mount even if MOUNTPOINT holds files (the mount hides them)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
