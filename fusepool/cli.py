@@ -19,7 +19,7 @@ import sys
 import time
 
 from fusepool import __version__, control
-from fusepool.errors import DaemonTimeout, NotMounted, PoolError, UsageError
+from fusepool.errors import DaemonTimeout, InvalidArgument, NotMounted, PoolError, UsageError
 from fusepool.units import human_size, parse_percent, parse_size
 
 # --- routing: daemon or direct --------------------------------------------------------
@@ -266,14 +266,18 @@ def mounted_volume(pool_dir: str, name: str, cached_only: bool = False) -> tuple
 
 
 def cached_volume(pool_dir: str, name: str) -> str | None:
-    """The volume's path in the mount when the kernel caches its writes (--writeback-cache)."""
+    """The volume's path in the mount when the kernel caches its writes (the default)."""
     return mounted_volume(pool_dir, name, cached_only=True)[0]
 
 
 def fsync_path(path: str) -> None:
-    # Commands that must see every write made so far (snapshot, discard) flush the
-    # kernel's cache first, as LVM suspends (flushes) an origin before snapshotting it.
-    fd = os.open(path, os.O_RDONLY)
+    # Commands that must see every write made so far (snapshot, discard, resize, export)
+    # flush the kernel's cache first, as LVM suspends (flushes) an origin before
+    # snapshotting it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a write-only volume (chmod 200): fsync needs any open
+        fd = os.open(path, os.O_WRONLY)
     try:
         os.fsync(fd)
     finally:
@@ -302,11 +306,12 @@ def cmd_resize(a) -> None:
     size = parse_size(text.removeprefix("+"))  # "++1M" stays invalid
     path = cached_volume(a.pool, a.name)
     if path is not None:  # the kernel owns the size of a cached volume: resize through it
+        fsync_path(path)  # and the resize's commit covers every write made before it
         current = os.stat(path).st_size
         size = current + size if relative else size
-        if size < current:
-            raise UsageError(f"cannot shrink volume {a.name!r} from {current} to {size} bytes: "
-                             "volumes only grow")
+        if size < current:  # (the engine's error, as when the daemon refuses it)
+            raise InvalidArgument(f"cannot shrink volume {a.name!r} from {current} to {size} "
+                                  "bytes: volumes only grow")
         try:
             os.truncate(path, size)
         except OSError as exc:
@@ -546,6 +551,9 @@ def cmd_export(a) -> None:
     check_output(a.file, pool_dir)  # before the temporary snapshot (export_image checks again)
     status = daemon_status(pool_dir)
     if status:  # online: read a temporary snapshot through the mount (a consistent copy)
+        path = cached_volume(pool_dir, a.name)
+        if path is not None:  # (as cmd_snapshot: writes still in the kernel's cache first)
+            fsync_path(path)
         temp = f"{a.name}.export-{os.getpid()}"
         pool_call(pool_dir, "snapshot", {"origin": a.name, "name": temp})
         try:
