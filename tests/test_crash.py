@@ -129,7 +129,7 @@ def random_write(rng: random.Random, size: int) -> tuple[int, bytes]:
     offset = rng.randrange(nblocks - count + 1) * BS
     if kind == "aligned":
         return offset, rng.randbytes(count * BS)
-    if kind == "zero_blocks":  # whole blocks of zeros: unmapped by zero detection
+    if kind == "zero_blocks":  # whole blocks of zeros: data (unmapped with zero detection)
         return offset, bytes(touched_zeros(count * BS))
     length = min(rng.randint(1, 2 * BS), size)
     return rng.randrange(size - length + 1), bytes(touched_zeros(length))
