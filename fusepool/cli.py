@@ -19,7 +19,7 @@ import sys
 import time
 
 from fusepool import __version__, control
-from fusepool.errors import DaemonTimeout, NotMounted, PoolError, UsageError
+from fusepool.errors import DaemonTimeout, InvalidArgument, NotMounted, PoolError, UsageError
 from fusepool.units import human_size, parse_percent, parse_size
 
 # --- routing: daemon or direct --------------------------------------------------------
@@ -83,7 +83,7 @@ def cmd_init(a) -> None:
         base_size=parse_size(a.base_size), min_free_space=parse_percent(a.min_free_space),
         skip_block_zeroing=a.skip_block_zeroing, no_space_timeout=a.no_space_timeout,
         mode=a.mode, data_device=a.data_device, preallocate=a.preallocate, force=a.force,
-        **space_settings(a))
+        zero_detection=a.zero_detection, **space_settings(a))
     config = require_pool(a.pool)
     where = (f"on {config.data_device}" if config.data_device else
              "preallocated" if config.preallocated else "sparse")
@@ -101,11 +101,14 @@ def space_settings(a) -> dict:
 
 def cmd_set(a) -> None:
     settings = space_settings(a)
+    if a.zero_detection is not None:
+        settings["zero_detection"] = a.zero_detection == "on"
     if not settings:
         raise UsageError("nothing to set: give --autoextend-threshold, --autoextend-percent, "
-                         "--max-data-size, --low-water-mark and/or --on-low-water")
+                         "--max-data-size, --low-water-mark, --on-low-water and/or --zero-detection")
     st = pool_call(a.pool, "set", settings)
-    print(f"autoextend: {describe_autoextend(st)}; low-water mark: {describe_low_water(st)}")
+    print(f"autoextend: {describe_autoextend(st)}; low-water mark: {describe_low_water(st)}; "
+          f"zero detection: {'on' if st.get('zero_detection') else 'off'}")
 
 
 def describe_autoextend(st: dict) -> str:
@@ -139,7 +142,7 @@ def cmd_mount(a) -> None:
     cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if a.debug else []) + [
         "mount", pool_dir, mountpoint, "--foreground", "--commit-period", str(a.commit_period),
         "--ready-fd", str(write_fd)] + (["--allow-other"] if a.allow_other else []) + (
-        ["--writeback-cache"] if a.writeback_cache else []) + (
+        ["--write-through"] if a.write_through else []) + (
         ["--nonempty"] if a.nonempty else []) + (
         ["--no-space-timeout", str(a.no_space_timeout)] if a.no_space_timeout is not None else [])
     log_path = os.path.join(pool_dir, "fusepool.log")
@@ -180,7 +183,7 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
 
     try:
         serve(pool_dir, mountpoint, a.commit_period, on_ready, allow_other=a.allow_other,
-              no_space_timeout=a.no_space_timeout, writeback_cache=a.writeback_cache,
+              no_space_timeout=a.no_space_timeout, writeback_cache=not a.write_through,
               nonempty=a.nonempty)
     except PoolError as exc:
         if ready_file and not ready_file.closed:
@@ -263,14 +266,18 @@ def mounted_volume(pool_dir: str, name: str, cached_only: bool = False) -> tuple
 
 
 def cached_volume(pool_dir: str, name: str) -> str | None:
-    """The volume's path in the mount when the kernel caches its writes (--writeback-cache)."""
+    """The volume's path in the mount when the kernel caches its writes (the default)."""
     return mounted_volume(pool_dir, name, cached_only=True)[0]
 
 
 def fsync_path(path: str) -> None:
-    # Commands that must see every write made so far (snapshot, discard) flush the
-    # kernel's cache first, as LVM suspends (flushes) an origin before snapshotting it.
-    fd = os.open(path, os.O_RDONLY)
+    # Commands that must see every write made so far (snapshot, discard, resize, export)
+    # flush the kernel's cache first, as LVM suspends (flushes) an origin before
+    # snapshotting it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a write-only volume (chmod 200): fsync needs any open
+        fd = os.open(path, os.O_WRONLY)
     try:
         os.fsync(fd)
     finally:
@@ -299,11 +306,12 @@ def cmd_resize(a) -> None:
     size = parse_size(text.removeprefix("+"))  # "++1M" stays invalid
     path = cached_volume(a.pool, a.name)
     if path is not None:  # the kernel owns the size of a cached volume: resize through it
+        fsync_path(path)  # and the resize's commit covers every write made before it
         current = os.stat(path).st_size
         size = current + size if relative else size
-        if size < current:
-            raise UsageError(f"cannot shrink volume {a.name!r} from {current} to {size} bytes: "
-                             "volumes only grow")
+        if size < current:  # (the engine's error, as when the daemon refuses it)
+            raise InvalidArgument(f"cannot shrink volume {a.name!r} from {current} to {size} "
+                                  "bytes: volumes only grow")
         try:
             os.truncate(path, size)
         except OSError as exc:
@@ -383,6 +391,7 @@ def format_info(st: dict) -> str:
         ("Low Water Mark", describe_low_water(st)),
         ("No Space Policy", f"queue ({st['no_space_timeout']:g} s)" if st.get("no_space_timeout")
          else "error"),
+        ("Zero Detection", "on" if st.get("zero_detection") else "off"),
         ("Volumes", str(st["volume_count"])),
         ("Mounted At", st.get("mounted") or "-"),
     ]
@@ -545,6 +554,9 @@ def cmd_export(a) -> None:
     check_output(a.file, pool_dir)  # before the temporary snapshot (export_image checks again)
     status = daemon_status(pool_dir)
     if status:  # online: read a temporary snapshot through the mount (a consistent copy)
+        path = cached_volume(pool_dir, a.name)
+        if path is not None:  # (as cmd_snapshot: writes still in the kernel's cache first)
+            fsync_path(path)
         temp = f"{a.name}.export-{os.getpid()}"
         pool_call(pool_dir, "snapshot", {"origin": a.name, "name": temp})
         try:
@@ -686,6 +698,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     help="refuse new volumes/snapshots below this free space (default 10%%)")
     sp.add_argument("--skip-block-zeroing", action="store_true",
                     help="do not zero new blocks on partial writes (stale data may show)")
+    sp.add_argument("--zero-detection", action="store_true",
+                    help="store nothing for writes of zeros into unmapped blocks and unmap blocks "
+                    "that writes leave all zeros (qemu's detect-zeroes=unmap; default off: zeros "
+                    "are provisioned like any data, as dm-thin does)")
     sp.add_argument("--no-space-timeout", type=non_negative_float, default=0.0, metavar="SECONDS",
                     help="out of data space: let allocating writes wait this long for space "
                     "before failing with ENOSPC (dm-thin's queue mode; default 0: fail at once)")
@@ -709,9 +725,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     sp.add_argument("--no-space-timeout", type=non_negative_float, metavar="SECONDS",
                     help="override the pool's out-of-space wait for this mount")
-    sp.add_argument("--writeback-cache", action="store_true",
-                    help="let the kernel cache writes (faster small writes; out-of-space errors "
-                         "then show at fsync or close: see docs/performance.md)")
+    cache = sp.add_mutually_exclusive_group()
+    cache.add_argument("--write-through", action="store_true",
+                       help="send every write to the daemon before it returns, so that errors "
+                       "(out of space) show at write(); the default is the kernel's writeback "
+                       "cache, as for a kernel thin volume's block device: writes return once "
+                       "cached, errors show at fsync or close (see README)")
+    cache.add_argument("--writeback-cache", action="store_true",
+                       help="the default (kept for compatibility; does nothing)")
     sp.add_argument("--nonempty", action="store_true",
                     help="mount even if MOUNTPOINT holds files (the mount hides them)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -808,9 +829,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp = add("repair", cmd_repair, "rebuild the metadata from its newest intact commit")
     sp.add_argument("pool", metavar="POOL")
 
-    sp = add("set", cmd_set, "change a pool's autoextend and low-water settings (mounted or not)")
+    sp = add("set", cmd_set, "change a pool's autoextend, low-water and zero-detection settings "
+             "(mounted or not)")
     sp.add_argument("pool", metavar="POOL")
     add_space_options(sp, changing=True)
+    sp.add_argument("--zero-detection", choices=["on", "off"],
+                    help="on: writes of zeros into unmapped blocks store nothing and blocks left "
+                    "all zeros are unmapped; off: zeros are data (dm-thin)")
 
     sp = add("extend", cmd_extend, "grow the pool's data and/or metadata space")
     sp.add_argument("pool", metavar="POOL")

@@ -71,10 +71,12 @@ def fuse_errors(handler):
 
 class FusepoolOperations(pyfuse3.Operations):
     def __init__(self, pool: Pool, no_space_timeout: float | None = None,
-                 writeback_cache: bool = False):
+                 writeback_cache: bool = True):
         super().__init__()
-        # The kernel's writeback cache (mount --writeback-cache): writes return once in
-        # the kernel's page cache, which then owns each open volume's size.
+        # The kernel's writeback cache (the default; off with mount --write-through):
+        # writes return once in the kernel's page cache, which then owns each open
+        # volume's size.  The kernel then also reads through handles opened write-only
+        # (to fill a page a write covers in part): read() must not check the open mode.
         self.enable_writeback_cache = writeback_cache
         self.pool = pool
         self.no_space_timeout = (pool.config.no_space_timeout if no_space_timeout is None

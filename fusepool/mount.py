@@ -98,7 +98,7 @@ def fsname_option(pool_dir: str) -> str:
 
 class Daemon:
     def __init__(self, pool: Pool, mountpoint: str, commit_period: float,
-                 no_space_timeout: float | None = None, writeback_cache: bool = False):
+                 no_space_timeout: float | None = None, writeback_cache: bool = True):
         self.pool = pool
         self.mountpoint = mountpoint
         self.commit_period = commit_period
@@ -194,9 +194,13 @@ class Daemon:
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,
           allow_other: bool = False, debug_fuse: bool = False,
-          no_space_timeout: float | None = None, writeback_cache: bool = False,
+          no_space_timeout: float | None = None, writeback_cache: bool = True,
           nonempty: bool = False) -> None:
-    """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted."""
+    """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted.
+
+    ``writeback_cache`` (the default, ``mount --write-through`` turns it off): the
+    kernel caches writes, as it does for a kernel thin volume's block device.
+    """
     mountpoint = os.path.realpath(mountpoint)  # as mountinfo will show it
     pool = Pool.open(pool_dir)
     try:

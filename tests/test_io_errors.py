@@ -420,7 +420,9 @@ def test_a_needs_check_pool_mounts_read_only_until_a_clean_check(pool, make_moun
         p.write(p.volume("v").dev_id, 0, b"kept")
         p.commit()
         p.fail_unexpected("injected for the test")
-    m = make_mount(pool)
+    # the errno of the refused write() itself: --write-through (the default cache reports it
+    # at fsync)
+    m = make_mount(pool, "--write-through")
     assert read_all(m.vol("v"), 0, 4) == b"kept"
     fd = os.open(m.vol("v"), os.O_RDWR)
     try:

@@ -614,7 +614,7 @@ def _scripted(pool, mark) -> None:
     mark()
     pool.write(v.dev_id, 0, b"v after snap")  # copy on write (the origin)
     pool.write(s.dev_id, BS, b"s after snap")  # copy on write (the snapshot)
-    pool.write(s.dev_id, 2 * BS, bytes(BS))  # whole zero block: unmap (frees nothing: shared)
+    pool.write(s.dev_id, 2 * BS, bytes(BS))  # whole zero block: a new block (zeros are data)
     pool.commit()
     mark()
     pool.discard(v.dev_id, 0, 2 * BS)  # frees v's copy of block 0 (block 1 is shared)
@@ -754,7 +754,7 @@ def test_block_freed_before_a_power_cut_is_not_reused(tmp_path, fs):
         pool.write(v.dev_id, 0, a)
         pool.write(w.dev_id, 0, b[: 4 * BS])
         pool.commit()  # the pool is full
-        pool.write(v.dev_id, 0, bytes(BS))  # unmaps (frees) v's block 0: not committed
+        pool.discard(v.dev_id, 0, BS)  # frees v's block 0: not committed
         pool.discard(v.dev_id, BS, BS)  # and block 1
         with pytest.raises(PoolFull):
             pool.write(w.dev_id, 4 * BS, b[4 * BS :])  # nothing may be allocated before the commit

@@ -93,12 +93,13 @@ class DataPath:
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)  # startswith below needs the object itself
         zeros = memoryview(self.zero_block)
+        detect = self.config.zero_detection
         vb = offset // bs
         if (end <= dev.size and (end - 1) // bs == vb
-                and not data.startswith(zeros[: min(length, bs)])):
+                and not (detect and data.startswith(zeros[: min(length, bs)]))):
             # The common case first: an overwrite inside one block the volume owns
-            # (same tests as the in-place branch below; all-zero data goes the long
-            # way, for zero detection).
+            # (same tests as the in-place branch below; with zero detection, all-zero
+            # data goes the long way).
             leaf = Tree.leaf(dev.root, vb // FANOUT)
             entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
             block = entry >> TIME_BITS
@@ -139,7 +140,8 @@ class DataPath:
             block = entry >> TIME_BITS
             whole = hi - lo == bs
             # In place, no copy: a memoryview compared with bytes goes byte by byte.
-            zero = not piece[0] and data.startswith(zeros[: hi - lo], pos - offset)
+            # Without zero detection zeros are data (dm-thin provisions them too).
+            zero = detect and not piece[0] and data.startswith(zeros[: hi - lo], pos - offset)
             if entry == UNMAPPED:
                 if zero:  # unmapped blocks read as zeros already: nothing to store
                     written += hi - lo

@@ -15,8 +15,9 @@ Semantics (see docs/design.md for the full contract):
   ``name``, a virtual ``size`` and a copy-on-write mapping tree.
 - Writes allocate whole data blocks.  A partial write to a new block zero-fills
   the rest of it unless the pool skips block zeroing; a partial write to a
-  block shared with another device copies the block first; a whole-block write
-  of zeros unmaps the block.
+  block shared with another device copies the block first.  Zeros are data
+  like any other (dm-thin), unless the pool has zero detection: then zeros
+  into a hole store nothing and a block left all zeros is unmapped.
 - Metadata changes are held in memory until :meth:`commit`, which flushes the
   data image first (data before metadata).  Namespace changes (create,
   snapshot, remove, rename, resize) commit before they return.
@@ -101,7 +102,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
                data_device: str | None = None, preallocate: bool = False, force: bool = False,
                autoextend_threshold: float = autoextend.OFF, autoextend_percent: float = 20.0,
                max_data_size: int = 0, low_water_mark: int = 0,
-               on_low_water: str | None = None) -> int:
+               on_low_water: str | None = None, zero_detection: bool = False) -> int:
         """Make a new pool directory (or fill an empty existing one); returns its data size.
 
         ``mode`` is "loop" (a sparse data file; the default) or "direct" (a
@@ -175,7 +176,8 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
                        no_space_timeout, mode, data_device=data_device, preallocated=preallocate,
                        autoextend_threshold=autoextend_threshold,
                        autoextend_percent=autoextend_percent, max_data_size=max_data_size,
-                       low_water_mark=low_water_mark, on_low_water=on_low_water or None).save(path)
+                       low_water_mark=low_water_mark, on_low_water=on_low_water or None,
+                       zero_detection=bool(zero_detection)).save(path)
         except BaseException:
             for name in (DATA, METADATA, JOURNAL, "pool.json", "pool.json.tmp"):
                 with contextlib.suppress(FileNotFoundError):

@@ -87,10 +87,14 @@ class SpacePolicy:
         """Change autoextend/low-water settings (``fusepool set``): validated, then saved.
 
         Keys: autoextend_threshold, autoextend_percent, max_data_size,
-        low_water_mark, on_low_water (an empty command removes the hook).
+        low_water_mark, on_low_water (an empty command removes the hook),
+        zero_detection (a bool; takes effect from the next write).
         """
         known = ("autoextend_threshold", "autoextend_percent", "max_data_size", "low_water_mark",
                  "on_low_water")
+        zero_detection = settings.pop("zero_detection", self.config.zero_detection)
+        if not isinstance(zero_detection, bool):
+            raise UsageError(f"zero_detection must be true or false, not {zero_detection!r}")
         unknown = sorted(set(settings) - set(known))
         if unknown:
             raise UsageError(f"unknown setting(s): {', '.join(unknown)}")
@@ -103,7 +107,7 @@ class SpacePolicy:
         # (A maximum kept from before is not checked again: `extend` may have passed it.)
         autoextend.validate(self.config.mode, self.nr_blocks, self.block_size,
                             **values | ({} if "max_data_size" in settings else {"max_data_size": 0}))
-        config = dataclasses.replace(self.config, **values)
+        config = dataclasses.replace(self.config, **values, zero_detection=zero_detection)
         config.save(self.path)
         self.config = config
         if "on_low_water" in settings:  # the hook is now one this process wrote itself

@@ -117,6 +117,7 @@ class Statistics:
             "min_free_space_percent": self.config.min_free_space,
             "skip_block_zeroing": self.config.skip_block_zeroing,
             "no_space_timeout": self.config.no_space_timeout,
+            "zero_detection": c.zero_detection,
             "deferred_deleted_device_count": deferred,
             "volume_count": len(self.names),
             "data_blocks_total": self.nr_blocks,
