@@ -59,6 +59,7 @@ class SyncJob:
     record: tuple | None  # Journal.append's arguments; None: a data flush only
     data_error: OSError | None = None
     journal_error: OSError | None = None
+    superseded: bool = False  # a commit came first and made it all durable
 
 
 class Transactions:
@@ -183,6 +184,12 @@ class Transactions:
         ``io_lock``; errors are kept in ``job`` for :meth:`finish_sync`.
         """
         with self.io_lock:
+            if job.record is not None and job.record[1] != self.store.superblock.transaction_id:
+                # A commit ran between prepare and now (create, snapshot...): it flushed the
+                # data and holds these mappings, and it reset the journal.  The record would
+                # be stale there (and, stamped anew, would take back newer mappings).
+                job.superseded = True
+                return
             if job.flush_data:
                 try:
                     self.data.flush()
@@ -204,7 +211,7 @@ class Transactions:
             log.info("journal append failed (%s): committing instead", job.journal_error)
             self.commit()
             return
-        if job.record is not None:
+        if job.record is not None and not job.superseded:
             self.journal_syncs += 1
 
     def _journal_fits(self) -> bool:
