@@ -17,6 +17,7 @@ import trio
 
 from fusepool import commands
 from fusepool.autoextend import run_hook
+from fusepool.control import Held
 from fusepool.control_server import ControlServer
 from fusepool.engine import Pool
 from fusepool.errors import InvalidArgument, NotMounted, PoolBusy, PoolError, UsageError
@@ -180,6 +181,8 @@ class Daemon:
                                         "anyway and loses what is not committed)") from None
             pyfuse3.terminate()
             return {"pid": os.getpid()}
+        if op == "reserve_metadata_snap":
+            return await self._reserve_metadata_snap()
         if op == "check":
             from fusepool.check import check_pool
 
@@ -190,6 +193,24 @@ class Daemon:
         # and a kernel invalidation blocks in the kernel while a request is pending; a
         # daemon killed in that window could not exit (seen in the kill tests).
         return commands.run(self.pool, op, args)
+
+
+    async def _reserve_metadata_snap(self):
+        """Commit and hold that commit for a reader (see fusepool.engine.view).
+
+        A failed pool's memory may be ahead of its last commit, and is never
+        committed: the reader is told to ask the daemon to walk it instead.
+        """
+        if self.pool.failed is not None:
+            return {"transaction": None}
+        async with self.ops.flush_lock:
+            # The data flush in a worker thread first, as the periodic commit does.
+            await self.ops.run_flush_job(self.pool.prepare_data_flush())
+            superblock = self.pool.reserve_metadata_snap()
+        open_counts = {str(d.dev_id): d.open_count for d in self.pool.devices.values()
+                       if d.open_count}
+        return Held({"transaction": self.pool.transaction_id, "superblock": superblock.hex(),
+                     "open_counts": open_counts}, self.pool.release_metadata_snap)
 
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,

@@ -52,6 +52,7 @@ from fusepool.engine.device import (
     MAX_METADATA_SIZE,
     VOLUME_MODE,
     Device,
+    Namespace,
     validate_block_size,
     validate_name,
 )
@@ -86,7 +87,7 @@ from fusepool.units import bytes_size
 
 log = logging.getLogger(__name__)
 
-class Pool(Transactions, DataPath, SpacePolicy, Statistics):
+class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
     """An open thin pool.  Use :meth:`create` once, then :meth:`open`."""
 
     # Why on_low_water must not run (set by open: pool.json not the user's own), or None.
@@ -338,21 +339,11 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
 
     # --- namespace -------------------------------------------------------------------
 
-    def volume(self, name: str) -> Device:
-        dev_id = self.names.get(name)
-        if dev_id is None:
-            raise NoSuchVolume(f"no volume named {name!r} in pool {self.path}")
-        return self.devices[dev_id]
-
     def device(self, dev_id: int) -> Device:
         dev = self.devices.get(dev_id)
         if dev is None:
             raise NoSuchVolume(f"no device with id {dev_id}")
         return dev
-
-    def volumes(self) -> list[Device]:
-        """Visible volumes (deferred deletions excluded), by name."""
-        return sorted((self.devices[i] for i in self.names.values()), key=lambda d: d.name)
 
     def create_volume(self, name: str, size: int | None = None, mode: int = VOLUME_MODE) -> Device:
         """A new, empty thin volume of ``size`` bytes (default: the base size).

@@ -301,6 +301,21 @@ class Transactions:
                 dev.mapped_blocks -= 1
         self.dirty = True
 
+    def reserve_metadata_snap(self) -> bytes:
+        """Commit, and keep that commit's metadata pages until :meth:`release_metadata_snap`.
+
+        dm-thin's ``reserve_metadata_snap``: a reader outside the engine
+        (:class:`fusepool.engine.view.CommittedView`) can then walk the commit
+        on disk while the pool goes on changing.  Returns its superblock page (its slot
+        is rewritten two commits later, while the pages it points at are held).
+        """
+        self.commit()
+        self.store.hold()
+        return self.store.superblock.pack()
+
+    def release_metadata_snap(self) -> None:
+        self.store.unhold()
+
     @property
     def failed(self) -> str | None:
         """Why the pool takes no changes (None while it is writable)."""

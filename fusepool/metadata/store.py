@@ -5,7 +5,10 @@ A page is in one of these states, kept in ``page_state`` (one byte a page):
 - bit ``CURRENT``: referenced by the last commit (N);
 - bit ``PREVIOUS``: referenced by the commit before (N-1), kept so that a
   damaged latest commit can fall back to the one before it (``repair``);
-- bit ``PENDING``: written by the commit in progress.
+- bit ``PENDING``: written by the commit in progress;
+- bit ``HELD``: referenced by a commit that a reader is walking on disk (a
+  reserved metadata snapshot, dm-thin's ``reserve_metadata_snap``): kept
+  until every reservation is released.
 
 A page with none of them is free.  Commit N+1 only writes free pages, so both
 N and N-1 stay intact on disk until the superblock of N+1 is durable.
@@ -41,14 +44,16 @@ from fusepool.metadata.tree import Node
 
 log = logging.getLogger(__name__)
 
-CURRENT, PREVIOUS, PENDING = 1, 2, 4
+CURRENT, PREVIOUS, PENDING, HELD = 1, 2, 4, 8
 _ROOT_PAYLOAD = PAGE_SIZE - HEADER_SIZE
 _IOV_MAX = 1024  # buffers one pwritev may take
 RESERVE_PAGES = 256  # host-backed metadata pages kept beyond the highest in use (1 MiB)
-# After a commit: CURRENT|PENDING -> CURRENT, CURRENT -> PREVIOUS as well.
+# After a commit: CURRENT|PENDING -> CURRENT, CURRENT -> PREVIOUS as well; HELD stays.
 _AFTER_COMMIT = bytes(((v & CURRENT) << 1) | (CURRENT if v & (CURRENT | PENDING) else 0)
-                      for v in range(256))
-_DROP_PENDING = bytes(v & (CURRENT | PREVIOUS) for v in range(256))
+                      | (v & HELD) for v in range(256))
+_DROP_PENDING = bytes(v & (CURRENT | PREVIOUS | HELD) for v in range(256))
+_HOLD_CURRENT = bytes(v | HELD if v & CURRENT else v for v in range(256))
+_UNHOLD = bytes(v & ~HELD for v in range(256))
 
 
 @dataclass
@@ -87,6 +92,7 @@ class MetadataStore:
         self._free: int | None = None  # cached count of free pages
         self.backed = 0  # pages [0, backed) have host space reserved (see keep_reserve)
         self.readonly_fd = False
+        self.holds = 0  # reserved metadata snapshots not yet released
 
     # --- creating and opening ------------------------------------------------
 
@@ -222,6 +228,22 @@ class MetadataStore:
         self.page_state.extend(bytes(nr_meta_pages - len(self.page_state)))
         self.superblock.nr_meta_pages = nr_meta_pages
         self._free = None
+
+    def hold(self) -> None:
+        """Keep the last commit's pages from reuse until :meth:`unhold` (a reader walks them).
+
+        Pages of several held commits are kept until the last hold goes: one
+        bit, not a bitmap per hold, since holds are short and rarely overlap.
+        """
+        self.page_state = bytearray(self.page_state.translate(_HOLD_CURRENT))
+        self.holds += 1
+        self._free = None
+
+    def unhold(self) -> None:
+        self.holds -= 1
+        if self.holds == 0:
+            self.page_state = bytearray(self.page_state.translate(_UNHOLD))
+            self._free = None
 
     # --- commit ----------------------------------------------------------------
 
