@@ -58,7 +58,7 @@ from fusepool.engine.device import (
 )
 from fusepool.engine.space import SpacePolicy, min_metadata_pages
 from fusepool.engine.stats import Statistics
-from fusepool.engine.txn import Health, Transactions
+from fusepool.engine.txn import Health, Transaction, Transactions
 from fusepool.errors import (
     Corrupt,
     InvalidArgument,
@@ -262,14 +262,8 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         except BaseException:
             self.store.close()
             raise
-        self.dirty = False  # metadata changed since the last commit
-        self.data_dirty = False  # data written since the last flush
+        self.transaction = Transaction()  # what changed since the last commit
         self.commits = 0
-        # What the next journal record must carry: per device, the virtual blocks
-        # remapped since the last commit or record.  Anything else that changes
-        # (devices, names, pool time) needs a full commit: ``structure_changed``.
-        self.unsynced: dict[int, set[int]] = {}
-        self.structure_changed = False
         self.journal_syncs = 0
         self.journal = Journal(os.path.join(path, JOURNAL), readonly)
         try:
@@ -289,7 +283,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         self._arm_space_watch()
         if sb.flags & FLAG_NEEDS_CHECK and clear_needs_check and not readonly:
             self.store.superblock.flags &= ~FLAG_NEEDS_CHECK  # written by the commit below
-            self.dirty = self.structure_changed = True
+            self.transaction.change_structure()
             log.info("pool %s: needs-check flag cleared", path)
         elif sb.flags & FLAG_NEEDS_CHECK:
             log.warning("pool %s is flagged needs-check: read-only until `fusepool check` or "
@@ -297,7 +291,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
             self.health = Health.NEEDS_CHECK
             self.failure = (f"the pool is flagged needs-check (an I/O error or an internal error "
                             f"stopped it earlier); {self._check_advice()}")
-            self.dirty = False  # (a journal replayed above is durable already: an fsync succeeds)
+            self.transaction = Transaction()  # (a journal replayed above is durable already)
         if not readonly and self.failed is None:
             self.data.grow(self.nr_blocks * self.block_size)
             # Deferred deletions that a crash interrupted are finished now.
@@ -309,7 +303,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
     def close(self) -> None:
         """Commit and release everything (safe to call twice)."""
         try:
-            if not self.readonly and self.failed is None and (self.dirty or self.data_dirty):
+            if not self.readonly and self.failed is None and self.transaction.pending:
                 self.commit()
         finally:
             self.journal.close()
@@ -388,7 +382,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
     def _add(self, dev: Device) -> None:
         self.devices[dev.dev_id] = dev
         self.names[dev.name] = dev.dev_id
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
         try:
             self.commit()
         except PoolError:
@@ -410,7 +404,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         self._check_writable()
         del self.names[name]
         dev.deleted = True
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
         try:
             self.commit()
         except PoolError:
@@ -435,7 +429,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
             self.tree.drop(dev.root)
             dev.root = None
         del self.devices[dev.dev_id]
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
 
     def rename(self, old: str, new: str, replace: bool = False) -> bool:
         """Rename a volume; with ``replace``, a volume already named ``new`` goes.
@@ -458,7 +452,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         del self.names[old]
         dev.name = new
         self.names[new] = dev.dev_id
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
         try:
             self.commit()
         except PoolError:
@@ -485,7 +479,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         mode &= 0o777
         if mode != dev.mode:
             old, dev.mode = dev.mode, mode
-            self.dirty = self.structure_changed = True  # the device table: a full commit
+            self.transaction.change_structure()  # the device table: a full commit
             try:
                 self.commit()
             except PoolError:
@@ -531,9 +525,8 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
     def _grow_device(self, dev: Device, size: int) -> None:
         self._check_size(size)
         dev.size = size
-        self.unsynced.setdefault(dev.dev_id, set())  # the journal carries the new size
+        self.transaction.remapped_blocks(dev.dev_id)  # the journal carries the new size
         dev.root = self.tree.grow(dev.root, self._blocks_for(size))
-        self.dirty = True
 
     def _check_size(self, size: int) -> None:
         if not isinstance(size, int) or not 0 <= size <= MAX_VOLUME_SIZE:

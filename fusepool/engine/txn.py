@@ -62,8 +62,49 @@ class SyncJob:
     superseded: bool = False  # a commit came first and made it all durable
 
 
+class Transaction:
+    """What the running transaction changed since the last commit (one per pool)."""
+
+    __slots__ = ("metadata_changed", "structure_changed", "data_written", "remapped")
+
+    def __init__(self):
+        self.metadata_changed = False  # a commit (or, for mappings alone, a journal record) is due
+        self.structure_changed = False  # devices, names, pool time: only a commit carries them
+        self.data_written = False  # data written since the last data flush
+        # What the next journal record must carry: per device, the virtual blocks
+        # remapped since the last commit or record (an empty set: just the size).
+        self.remapped: dict[int, set[int]] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Anything a FLUSH would have to make durable."""
+        return self.metadata_changed or self.data_written
+
+    def change_structure(self) -> None:
+        self.metadata_changed = self.structure_changed = True
+
+    def remapped_blocks(self, dev_id: int) -> set[int]:
+        """The set to add a device's remapped virtual blocks to (the metadata changes)."""
+        self.metadata_changed = True
+        return self.remapped.setdefault(dev_id, set())
+
+    def take_remapped(self) -> dict[int, set[int]]:
+        """What a journal record carries; the next record starts empty."""
+        remapped, self.remapped = self.remapped, {}
+        return remapped
+
+    def committed(self) -> None:
+        self.metadata_changed = self.structure_changed = False
+        self.remapped = {}
+
+
 class Transactions:
     """Commit, sync, journal replay, failure (a room of Pool)."""
+
+    @property
+    def dirty(self) -> bool:
+        """The metadata changed since the last commit."""
+        return self.transaction.metadata_changed
 
 
     def commit(self) -> int:
@@ -79,7 +120,7 @@ class Transactions:
 
     def _commit(self) -> int:
         if not self.dirty:
-            if self.data_dirty and not self.readonly:  # in-place overwrites: FLUSH the data
+            if self.transaction.data_written and not self.readonly:  # in-place overwrites: FLUSH the data
                 if self.needs_check:  # (their earlier flush failed: never report them durable)
                     raise PoolFailed(f"the pool is read-only: {self.failed}")
                 self._flush_data()
@@ -105,12 +146,10 @@ class Transactions:
                                "committed (free space on the host)") from None
             self._fail_needs_check(f"writing the metadata failed ({exc.strerror or exc})")
             raise PoolFailed(self.failed) from None
-        self.dirty = False
+        self.transaction.committed()
         self.tree.dirtied = 0
         self.commits += 1
         self.journal.reset()  # its records are in this commit now
-        self.unsynced = {}
-        self.structure_changed = False
         freed = self.space.committed()
         if freed:
             self._arm_space_watch()  # free space came back: the low-water event re-arms
@@ -150,7 +189,7 @@ class Transactions:
         device's data.  Callers must run the FLUSHes one at a time, in the
         order they were prepared (records replay in append order).
         """
-        if self.needs_check and (self.dirty or self.data_dirty):
+        if self.needs_check and self.transaction.pending:
             raise PoolFailed(f"the pool is read-only: {self.failed}")
         if not self.dirty:  # only overwrites in place (or nothing): a data flush is all
             return self.prepare_data_flush()
@@ -158,10 +197,10 @@ class Transactions:
             self.commit()
             return None
         self._check_writable()
-        job = SyncJob(self.data_dirty, (self._uuid_bytes, self.store.superblock.transaction_id,
-                                        self.time, *self._journal_payload()))
-        self.data_dirty = False  # (an fdatasync with nothing to write still flushes the disk)
-        self.unsynced = {}
+        job = SyncJob(self.transaction.data_written,
+                      (self._uuid_bytes, self.store.superblock.transaction_id, self.time,
+                       *self._journal_payload(self.transaction.take_remapped())))
+        self.transaction.data_written = False  # (an fdatasync with nothing new still flushes)
         return job
 
     def prepare_data_flush(self) -> "SyncJob | None":
@@ -170,11 +209,11 @@ class Transactions:
         For a FLUSH after overwrites in place, and before a periodic commit, so
         that commit's own data flush on the event loop finds little left to do.
         """
-        if not self.data_dirty or self.readonly:
+        if not self.transaction.data_written or self.readonly:
             return None
         if self.needs_check:  # (their earlier flush failed: never report them durable)
             raise PoolFailed(f"the pool is read-only: {self.failed}")
-        self.data_dirty = False
+        self.transaction.data_written = False
         return SyncJob(True, None)
 
     def run_sync(self, job: "SyncJob") -> None:
@@ -215,17 +254,18 @@ class Transactions:
             self.journal_syncs += 1
 
     def _journal_fits(self) -> bool:
-        if self.structure_changed or self.readonly or self.failed is not None:
+        if self.transaction.structure_changed or self.readonly or self.failed is not None:
             return False
         if self.time != self.store.superblock.time:
             return False
-        changed = sum(len(vbs) for vbs in self.unsynced.values())
+        changed = sum(len(vbs) for vbs in self.transaction.remapped.values())
         return changed <= JOURNAL_MAX_MAPPINGS and self.journal.end + 24 * changed <= JOURNAL_MAX_BYTES
 
-    def _journal_payload(self) -> tuple[list[tuple[int, int, int]], array]:
+    def _journal_payload(self, remapped: dict[int, set[int]]
+                         ) -> tuple[list[tuple[int, int, int]], array]:
         devices = []
         mappings = array("Q")
-        for dev_id, vbs in self.unsynced.items():
+        for dev_id, vbs in remapped.items():
             dev = self.devices.get(dev_id)
             if dev is None:  # (dropped: a structure change, so never here)
                 continue
@@ -252,7 +292,7 @@ class Transactions:
                           f"run `fusepool check {self.path}` and `fusepool repair {self.path}`") from None
         log.info("pool %s: replayed %d journal record(s), %d mapping(s), on top of transaction %d",
                  self.path, len(records), nr_mappings, sb.transaction_id)
-        self.unsynced = {}
+        self.transaction.take_remapped()  # (durable in the journal already)
 
     def _apply_record(self, record) -> None:
         for dev_id, size, mtime_ns in record.devices:
@@ -299,7 +339,7 @@ class Transactions:
             if old != UNMAPPED:
                 space.dec(old >> TIME_BITS)
                 dev.mapped_blocks -= 1
-        self.dirty = True
+        self.transaction.metadata_changed = True
 
     def reserve_metadata_snap(self) -> bytes:
         """Commit, and keep that commit's metadata pages until :meth:`release_metadata_snap`.
@@ -375,7 +415,7 @@ class Transactions:
             self.data.flush()
         except OSError as exc:
             raise self._data_flush_failed(exc) from None
-        self.data_dirty = False
+        self.transaction.data_written = False
 
     def _data_flush_failed(self, exc: OSError) -> PoolError:
         self._fail_needs_check(f"flushing the data to {self.data.path} failed "
