@@ -138,11 +138,7 @@ class Daemon:
             await trio.sleep(self.commit_period)
             if self.pool.dirty and self.pool.failed is None:
                 try:
-                    async with self.ops.flush_lock:
-                        # The data flush in a worker thread first: the commit's own, on the
-                        # event loop, then finds little left to write back.
-                        await self.ops.run_flush_job(self.pool.prepare_data_flush())
-                        self.pool.commit()
+                    await self.ops.commit()
                 except PoolError as exc:
                     log.error("periodic commit failed: %s", exc)
 
@@ -203,10 +199,8 @@ class Daemon:
         """
         if self.pool.failed is not None:
             return {"transaction": None}
-        async with self.ops.flush_lock:
-            # The data flush in a worker thread first, as the periodic commit does.
-            await self.ops.run_flush_job(self.pool.prepare_data_flush())
-            superblock = self.pool.reserve_metadata_snap()
+        await self.ops.commit()  # (its I/O in a worker thread)
+        superblock = self.pool.reserve_metadata_snap()  # nothing changed since: no commit
         open_counts = {str(d.dev_id): d.open_count for d in self.pool.devices.values()
                        if d.open_count}
         return Held({"transaction": self.pool.transaction_id, "superblock": superblock.hex(),

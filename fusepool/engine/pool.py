@@ -227,6 +227,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         # Held by whatever does metadata or flush I/O (commit on the loop, a FLUSH in a
         # worker thread: txn.run_sync), so the two never interleave.
         self.io_lock = threading.RLock()
+        self.commit_in_flight = None  # a CommitJob whose I/O runs in a worker thread
         self.failure: str | None = None
         try:
             self.store, loaded = MetadataStore.open(os.path.join(path, METADATA), readonly)
