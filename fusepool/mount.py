@@ -22,6 +22,7 @@ from fusepool.control_server import ControlServer
 from fusepool.engine import Pool
 from fusepool.errors import InvalidArgument, NotMounted, PoolBusy, PoolError, UsageError
 from fusepool.fs import FusepoolOperations
+from fusepool.fuse_errors import init_fuse
 from fusepool.mounts import find_mount, lazy_unmount, unescape_mount_path  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
             options.add("allow_other")
         if debug_fuse:
             options.add("debug")
-        pyfuse3.init(daemon.ops, mountpoint, options)
+        init_fuse(daemon.ops, mountpoint, options)  # a failure: one line naming cause and fix
         try:
             trio.run(daemon.run, on_ready or (lambda: None))
         finally:

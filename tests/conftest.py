@@ -35,6 +35,23 @@ def _no_unexpected_warnings(caplog):
         pytest.fail("unexpected log records: " + "; ".join(r.getMessage() for r in bad))
 
 
+def host_root() -> bool:
+    """uid 0 of the host (the initial user namespace) with CAP_SYS_ADMIN and a writable /sys: not a
+    user namespace's root (`unshare -Urm`, rootless podman) nor a container's (/sys read-only)."""
+    with open("/proc/self/uid_map") as f:
+        initial_ns = f.read().split() == ["0", "0", "4294967295"]
+    with open("/proc/self/status") as f:
+        caps = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+    sys_writable = not os.statvfs("/sys").f_flag & os.ST_RDONLY
+    return os.geteuid() == 0 and initial_ns and bool(caps & 1 << 21) and sys_writable  # 21: SYS_ADMIN
+
+
+def pytest_runtest_setup(item):
+    """The `root` marker is enforced: such a test is skipped, with the reason, unless host root."""
+    if item.get_closest_marker("root") and not host_root():
+        pytest.skip("needs host root")
+
+
 def run_fusepool(*args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
     """Run the CLI in a subprocess; ``check`` asserts exit status 0."""
     proc = subprocess.run([*FUSEPOOL, *map(str, args)], capture_output=True, text=True,

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -877,3 +878,28 @@ def test_read_ahead_is_raised_to_one_mebibyte(pool, make_mount, tmp_path):
     dev = os.stat(m.mountpoint).st_dev
     with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
         assert f.read().strip() == "1024"
+
+
+def test_read_ahead_stays_at_the_default_where_sys_is_read_only(pool, tmp_path):
+    # Every container has /sys read-only: the mount works, and the log says why read-ahead
+    # stays at the kernel default.  A user and mount namespace whose /sys is remounted
+    # read-only stands for the container (runs as any user).
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = """
+        mount -o remount,bind,ro /sys
+        $FUSEPOOL --debug mount "$1" "$2"
+        trap '$FUSEPOOL umount "$2"' EXIT
+        echo hello > "$2/v"
+        cat "$2/v"
+        cat "/sys/class/bdi/$(stat -c %Hd:%Ld "$2")/read_ahead_kb"
+    """
+    env = dict(os.environ, FUSEPOOL=f"{sys.executable} -m fusepool")
+    proc = subprocess.run(["unshare", "-Urm", "bash", "-euc", script, "bash", str(pool), str(mnt)],
+                          capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    said, read_ahead = proc.stdout.splitlines()
+    assert said == "hello" and int(read_ahead) < 1024
+    log = (pool / "fusepool.log").read_text()
+    assert f"read-ahead of {mnt} stays at the kernel default: [Errno 30] Read-only file system" in log, log
+    assert not is_mounted(mnt)

@@ -1,7 +1,8 @@
 """Mounting as an ordinary user through fusermount3: what unprivileged CI containers need.
 
 Root only sets the stage: a system user ``fusepool-test``, ``/dev/fuse`` usable by
-others (mode 0666, as distributions ship it; the old mode is restored), and a
+others (mode 0666, as distributions ship it; changed only if it is not, and then
+restored), and a
 world-readable copy of the code (the venv's interpreter may live under /root,
 which other users cannot enter), run with Debian's ``/usr/bin/python3`` (same
 minor version, so the same ABI for pyfuse3's and xxhash's extension modules).
@@ -163,11 +164,10 @@ def wait_gone(pid: int, timeout: float = 10) -> bool:
     return False
 
 
-@pytest.fixture
-def unprivileged():
-    """(User, work dir owned by the user); undoes everything at teardown, even after a failure."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create an unprivileged user")
+@contextlib.contextmanager
+def unprivileged_user():
+    """(User, work dir owned by the user, cleanup state); undoes everything on leaving, even
+    after a failure.  Needs host root (the module's ``root`` marker skips it otherwise)."""
     require("runuser", "useradd", "fusermount3", SYSTEM_PYTHON)
     assert os.path.exists("/dev/fuse"), "/dev/fuse is missing"
     tag = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.implementation.cache_tag)"],
@@ -183,10 +183,13 @@ def unprivileged():
     os.chown(work, pw.pw_uid, pw.pw_gid)
     os.chmod(work, 0o700)
     fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    state = {"pools": [], "mounts": []}
+    state = {"pools": [], "mounts": [], "base": base}
     try:
         code = copy_code(base / "python")
-        os.chmod("/dev/fuse", 0o666)
+        if fuse_mode & 0o006 != 0o006:
+            # Only when needed: distributions ship it 0666 already, and where it is not ours
+            # to change (a user namespace, rootless podman) chmod would fail.
+            os.chmod("/dev/fuse", fuse_mode | 0o006)
         user = User(pw, code, work)
         yield user, work, state
     finally:
@@ -199,8 +202,15 @@ def unprivileged():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 wait_gone(pid)
-        os.chmod("/dev/fuse", fuse_mode)
+        if stat.S_IMODE(os.stat("/dev/fuse").st_mode) != fuse_mode:
+            os.chmod("/dev/fuse", fuse_mode)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def unprivileged():
+    with unprivileged_user() as setup:
+        yield setup
 
 
 def test_mount_as_unprivileged_user(unprivileged):
