@@ -1,0 +1,236 @@
+"""Where a command runs: through the mount daemon, or on the pool opened here.
+
+This is the CLI's one online/offline branch point.  When the pool is mounted,
+its daemon owns it: commands travel over the control socket and volume data
+goes through the mount.  When it is not, the CLI opens the pool itself (under
+its lock) and runs the same code, :func:`fusepool.commands.run`, in-process.
+
+- :func:`call` runs one command either way (the daemon is tried first, so a
+  mounted pool costs one round trip);
+- :func:`connect` gives a session for commands made of several steps and of
+  volume I/O (``export``, ``import``): the same methods whichever way the pool
+  is reachable.
+"""
+
+import contextlib
+import os
+
+from fusepool import control
+from fusepool.errors import PoolError
+
+_NO_DAEMON = (FileNotFoundError, ConnectionRefusedError)
+
+
+def require_pool(pool_dir: str):
+    """The pool's config (a clear "not a pool" error otherwise)."""
+    from fusepool.config import PoolConfig
+
+    return PoolConfig.load(os.path.abspath(pool_dir))
+
+
+def daemon_status(pool_dir: str) -> dict | None:
+    try:
+        return control.request(pool_dir, "status", timeout=5)
+    except (OSError, PoolError):
+        return None
+
+
+def call(pool_dir: str, op: str, args: dict | None = None, output=None, offline=None):
+    """Run pool command ``op`` online (through the daemon) or offline (directly).
+
+    A command that streams its output (``dump``) writes it to ``output``, a
+    binary file object, and returns the rest of its result.  ``offline``: what
+    to run instead of opening the pool when no daemon answers (``check`` reads
+    the pool's files its own tolerant way).
+    """
+    pool_dir = os.path.abspath(pool_dir)
+    require_pool(pool_dir)
+    try:
+        return control.request(pool_dir, op, args or {}, output=output)
+    except _NO_DAEMON:
+        pass  # no daemon: open the pool ourselves
+    if offline is not None:
+        return offline()
+    with Offline(pool_dir) as session:
+        return session.call(op, args, output)
+
+
+@contextlib.contextmanager
+def connect(pool_dir: str):
+    """An :class:`Online` or :class:`Offline` session on the pool.
+
+    Nothing is opened before the session is first used, so a command can check
+    its arguments (knowing ``session.mountpoint``) before it takes the pool's lock.
+    """
+    pool_dir = os.path.abspath(pool_dir)
+    require_pool(pool_dir)
+    status = daemon_status(pool_dir)
+    with Online(pool_dir, status) if status else Offline(pool_dir) as session:
+        yield session
+
+
+class _Session:
+    """What :class:`Online` and :class:`Offline` share: the steps export and import take."""
+
+    pool_dir: str
+    mountpoint: str | None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def call(self, op: str, args: dict | None = None, output=None):
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def frozen(self, name: str):
+        """The name of a volume with ``name``'s content that nothing changes while held."""
+        yield name
+
+    @contextlib.contextmanager
+    def new_volume(self, name: str, size: int):
+        """Create volume ``name`` and open it for writing; removed again if the block fails,
+        so a failed import leaves no half-made volume."""
+        dev = self.call("create", {"name": name, "size": size})
+        try:
+            with self.open_volume(dev, writable=True) as volume:
+                yield volume
+        except BaseException:
+            self.call("remove", {"name": name})
+            raise
+
+    def open_volume(self, dev: dict, writable: bool = False):
+        """Volume ``dev`` (as ``list`` describes it) to read, or write, by offset."""
+        raise NotImplementedError
+
+
+class Online(_Session):
+    """The pool's mount daemon runs the commands; volume data goes through its mount."""
+
+    def __init__(self, pool_dir: str, status: dict):
+        self.pool_dir = pool_dir
+        self.status = status
+        self.mountpoint = status["mountpoint"]
+
+    def call(self, op: str, args: dict | None = None, output=None):
+        return control.request(self.pool_dir, op, args or {}, output=output)
+
+    @contextlib.contextmanager
+    def frozen(self, name: str):
+        # The origin stays writable through the mount: copy a temporary snapshot of it.
+        temp = f"{name}.export-{os.getpid()}"
+        self.call("snapshot", {"origin": name, "name": temp})
+        try:
+            yield temp
+        finally:
+            self.call("remove", {"name": temp})
+
+    @contextlib.contextmanager
+    def open_volume(self, dev: dict, writable: bool = False):
+        fd = os.open(os.path.join(self.mountpoint, dev["name"]), os.O_WRONLY if writable else os.O_RDONLY)
+        try:
+            yield MountedVolume(fd)
+        finally:
+            os.close(fd)
+
+
+class MountedVolume:
+    """A volume file in the mount."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+
+class Offline(_Session):
+    """The pool opened here, under its lock (taken at first use, released at exit);
+    commands run in-process through :func:`fusepool.commands.run`."""
+
+    mountpoint = None
+
+    def __init__(self, pool_dir: str):
+        self.pool_dir = pool_dir
+        self._pool = None
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            import logging
+
+            if not logging.getLogger().handlers:
+                logging.basicConfig(level=logging.WARNING, format="fusepool: %(message)s")
+            from fusepool.pool import Pool
+
+            self._pool = Pool.open(self.pool_dir)
+        return self._pool
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.__exit__(*exc)
+
+    def call(self, op: str, args: dict | None = None, output=None):
+        from fusepool import commands
+
+        result = commands.run(self.pool, op, args or {})
+        if isinstance(result, control.Streamed):
+            for piece in result.chunks:
+                output.write(piece.encode() if isinstance(piece, str) else piece)
+            result = result.result
+        return result
+
+    @contextlib.contextmanager
+    def open_volume(self, dev: dict, writable: bool = False):
+        yield EngineVolume(self.pool, dev["dev_id"])
+
+
+class EngineVolume:
+    """A volume read and written through the engine."""
+
+    def __init__(self, pool, dev_id: int):
+        self.pool, self.dev_id = pool, dev_id
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.pool.read(self.dev_id, offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        from fusepool.errors import PoolFull
+
+        view = memoryview(data)
+        while view:
+            n = self.pool.write(self.dev_id, offset, view)
+            if not n:
+                raise PoolFull("pool is out of data space")
+            view, offset = view[n:], offset + n
+
+    def flush(self) -> None:
+        self.pool.commit()
+
+
+def mounted_volume(pool_dir: str, name: str, cached_only: bool = False) -> tuple[str | None, bool]:
+    """``(path of the volume in the mount, whether the kernel caches its writes)``."""
+    status = daemon_status(os.path.abspath(pool_dir))
+    cached = bool(status and status.get("writeback_cache"))
+    if not status or (cached_only and not cached):
+        return None, False
+    path = os.path.join(status["mountpoint"], name)
+    if not os.path.isfile(path):
+        return None, False
+    return path, cached
+
+
+def cached_volume(pool_dir: str, name: str) -> str | None:
+    """The volume's path in the mount when the kernel caches its writes (--writeback-cache)."""
+    return mounted_volume(pool_dir, name, cached_only=True)[0]
