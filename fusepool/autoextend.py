@@ -15,7 +15,7 @@ Two mechanisms from the kernel/LVM stack, kept apart as they are there:
   back at or above the mark.  The command learns the figures from its
   environment (``FUSEPOOL_*`` below) and typically runs ``fusepool extend``.
 
-The engine (:class:`fusepool.pool.Pool`) decides *when*; this module holds the
+The engine (:class:`fusepool.engine.Pool`) decides *when*; this module holds the
 rules (validation, growth arithmetic) and how a hook is started.  A hook never
 runs on the thread serving FUSE: the mount daemon starts it as a trio task
 (:func:`run_hook`), a command that opened the pool itself starts it detached

@@ -467,7 +467,7 @@ def check_offline(pool_dir: str, progress: Progress | None = None) -> Report:
 
 def _clear_needs_check(pool_dir: str, lock: PoolLock, report: Report) -> None:
     """Open the pool under ``lock`` (released here) and commit without the flag."""
-    from fusepool.pool import Pool  # (pool.py does not import this module; keep it so)
+    from fusepool.engine import Pool  # (the engine does not import this module; keep it so)
 
     try:
         pool = Pool(pool_dir, PoolConfig.load(pool_dir), lock, False, clear_needs_check=True)

@@ -7,8 +7,8 @@ not.
 """
 
 from fusepool.control import Streamed
+from fusepool.engine import Pool, walks
 from fusepool.errors import UsageError
-from fusepool.pool import Pool
 
 
 def run(pool: Pool, op: str, args: dict):
@@ -42,7 +42,7 @@ def _resize(pool, name, size, relative=False):
 
 
 def _list(pool):
-    return [pool.describe(dev) for dev in pool.volumes()]
+    return walks.describe_all(pool, pool.volumes())
 
 
 def _info(pool):
@@ -54,7 +54,7 @@ def _inspect(pool, name):
     return {
         "Name": "fusepool",
         "Data": {"DeviceId": str(dev.dev_id), "DeviceName": dev.name, "DeviceSize": str(dev.size)},
-        "Fusepool": pool.describe(dev) | {"block_size": pool.block_size, "pool": pool.path},
+        "Fusepool": walks.describe_all(pool, [dev])[0] | {"block_size": pool.block_size, "pool": pool.path},
     }
 
 
@@ -62,7 +62,7 @@ def _map(pool, name):
     dev = pool.volume(name)
     bs = pool.block_size
     return [e | {"offset": e["virtual_block"] * bs, "length": e["blocks"] * bs}
-            for e in pool.extents(dev)]
+            for e in walks.extents(pool, dev)]
 
 
 def _discard(pool, name, offset, length):
@@ -92,10 +92,10 @@ def _dump(pool):
 
 def _thin_ls(pool):
     rows = []
-    for dev in sorted(pool.devices.values(), key=lambda d: d.dev_id):
-        if dev.deleted:
-            continue
-        exclusive, shared = pool.device_usage(dev)
+    devices = [d for d in sorted(pool.devices.values(), key=lambda d: d.dev_id) if not d.deleted]
+    usage = walks.usage(pool, devices)
+    for dev in devices:
+        exclusive, shared = usage[dev.dev_id]
         rows.append({"dev_id": dev.dev_id, "name": dev.name, "mapped_blocks": dev.mapped_blocks,
                      "exclusive_blocks": exclusive, "shared_blocks": shared,
                      "transaction": dev.transaction, "creation_time": dev.creation_time,
@@ -104,16 +104,13 @@ def _thin_ls(pool):
 
 
 def _delta(pool, left, right):
-    from fusepool.interop.images import delta
-
     a, b = pool.volume(left), pool.volume(right)
     sb = pool.store.superblock
     return {"left": a.dev_id, "right": b.dev_id,
             "header": {"uuid": "", "time": pool.time, "transaction": pool.transaction_id,
                        "data_block_size": pool.block_size // 512, "nr_data_blocks": pool.nr_blocks,
                        "uuid_full": sb.uuid},
-            "ranges": delta([(v, d) for v, d, _ in pool.mappings(a)],
-                            [(v, d) for v, d, _ in pool.mappings(b)])}
+            "ranges": walks.delta(pool, a, b)}
 
 
 COMMANDS = {

@@ -59,6 +59,9 @@ class PoolConfig:
     # runs on_low_water (a shell command) once per crossing, as dmeventd would be told.
     low_water_mark: int = 0
     on_low_water: str | None = None
+    # Writes of zeros: off (dm-thin) provisions and writes them like any data; on (qemu's
+    # detect-zeroes=unmap) stores nothing for zeros into holes and unmaps blocks they zero.
+    zero_detection: bool = False
 
     @classmethod
     def load(cls, pool_dir: str) -> "PoolConfig":
@@ -131,6 +134,7 @@ _SCHEMA = {
     "low_water_mark": (_is_int, "an integer", lambda v: 0 <= v < 1 << 40,
                        "a block count from 0 to 2^40-1"),
     "on_low_water": (lambda v: v is None or isinstance(v, str), "a string or null", None, ""),
+    "zero_detection": (lambda v: isinstance(v, bool), "true or false", None, ""),
 }
 
 

@@ -3,7 +3,7 @@
 One directory (the mount root) holds one regular file per visible volume.
 Inode numbers derive from device ids, so they are stable across mounts and
 need no table; file handles map to device ids.  Storage logic lives in
-:class:`fusepool.pool.Pool`; this module only translates, and turns engine
+:class:`fusepool.engine.Pool`; this module only translates, and turns engine
 errors into errnos in one place (:func:`fuse_errors`).
 """
 
@@ -17,9 +17,9 @@ import stat
 import pyfuse3
 import trio
 
+from fusepool.engine import CONTROL_NAME, Pool
 from fusepool.errors import PoolError, PoolFull
 from fusepool.metadata.format import MAX_DEV_ID
-from fusepool.pool import CONTROL_NAME, Pool
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,12 @@ def fuse_errors(handler):
 
 class FusepoolOperations(pyfuse3.Operations):
     def __init__(self, pool: Pool, no_space_timeout: float | None = None,
-                 writeback_cache: bool = False):
+                 writeback_cache: bool = True):
         super().__init__()
-        # The kernel's writeback cache (mount --writeback-cache): writes return once in
-        # the kernel's page cache, which then owns each open volume's size.
+        # The kernel's writeback cache (the default; off with mount --write-through):
+        # writes return once in the kernel's page cache, which then owns each open
+        # volume's size.  The kernel then also reads through handles opened write-only
+        # (to fill a page a write covers in part): read() must not check the open mode.
         self.enable_writeback_cache = writeback_cache
         self.pool = pool
         self.no_space_timeout = (pool.config.no_space_timeout if no_space_timeout is None
@@ -82,7 +84,8 @@ class FusepoolOperations(pyfuse3.Operations):
         self.handles: dict[int, int] = {}  # fh -> dev_id
         self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
-        self.initialised = trio.Event()  # the kernel has finished mounting
+        self.initialised = trio.Event()
+        self.flush_lock = trio.Lock()  # the kernel has finished mounting
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -294,7 +297,18 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
-        self.pool.sync()  # dm-thin: a FLUSH commits the metadata
+        # dm-thin's FLUSH.  Its two fdatasyncs run in a worker thread, so other requests
+        # go on meanwhile (see Pool.prepare_sync for why that is safe).  One FLUSH at a
+        # time, in arrival order (trio.Lock is fair): records must land in the order
+        # their mappings were taken.
+        async with self.flush_lock:
+            await self.run_flush_job(self.pool.prepare_sync())
+
+    async def run_flush_job(self, job) -> None:
+        """Run a prepared FLUSH's blocking I/O in a worker thread, then finish it here."""
+        if job is not None:
+            await trio.to_thread.run_sync(self.pool.run_sync, job)
+            self.pool.finish_sync(job)
 
     async def flush(self, fh):
         pass  # sent at every close(): no commit needed (DESIGN.md)

@@ -18,10 +18,10 @@ import trio
 from fusepool import commands
 from fusepool.autoextend import run_hook
 from fusepool.control_server import ControlServer
+from fusepool.engine import Pool
 from fusepool.errors import InvalidArgument, NotMounted, PoolBusy, PoolError, UsageError
 from fusepool.fs import FusepoolOperations
 from fusepool.mounts import find_mount, lazy_unmount, unescape_mount_path  # noqa: F401
-from fusepool.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def fsname_option(pool_dir: str) -> str:
 
 class Daemon:
     def __init__(self, pool: Pool, mountpoint: str, commit_period: float,
-                 no_space_timeout: float | None = None, writeback_cache: bool = False):
+                 no_space_timeout: float | None = None, writeback_cache: bool = True):
         self.pool = pool
         self.mountpoint = mountpoint
         self.commit_period = commit_period
@@ -127,6 +127,9 @@ class Daemon:
         docs/performance.md).  In queue mode a write may wait for space, and that
         must not hold up every other request.
         """
+        override = os.environ.get("FUSEPOOL_FUSE_WORKERS", "")  # (for tools/bench-concurrency)
+        if override.isdigit() and int(override) > 0:
+            return int(override)
         return 1 if self.ops.no_space_timeout <= 0 else 64
 
     async def _commit_timer(self) -> None:
@@ -134,7 +137,11 @@ class Daemon:
             await trio.sleep(self.commit_period)
             if self.pool.dirty and self.pool.failed is None:
                 try:
-                    self.pool.commit()
+                    async with self.ops.flush_lock:
+                        # The data flush in a worker thread first: the commit's own, on the
+                        # event loop, then finds little left to write back.
+                        await self.ops.run_flush_job(self.pool.prepare_data_flush())
+                        self.pool.commit()
                 except PoolError as exc:
                     log.error("periodic commit failed: %s", exc)
 
@@ -187,9 +194,13 @@ class Daemon:
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,
           allow_other: bool = False, debug_fuse: bool = False,
-          no_space_timeout: float | None = None, writeback_cache: bool = False,
+          no_space_timeout: float | None = None, writeback_cache: bool = True,
           nonempty: bool = False) -> None:
-    """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted."""
+    """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted.
+
+    ``writeback_cache`` (the default, ``mount --write-through`` turns it off): the
+    kernel caches writes, as it does for a kernel thin volume's block device.
+    """
     mountpoint = os.path.realpath(mountpoint)  # as mountinfo will show it
     pool = Pool.open(pool_dir)
     try:

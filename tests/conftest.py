@@ -73,6 +73,18 @@ def daemon_pid(mountpoint) -> int | None:
         return None
 
 
+def wait_exited(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has finished (a zombie counts as finished); False on time-out."""
+    from fusepool.cli import process_alive
+
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class Mount:
     """A pool mounted by a daemon subprocess."""
 
@@ -99,12 +111,7 @@ class Mount:
     def kill(self):
         """SIGKILL the daemon (a crash) and clear its dead mount."""
         os.kill(self.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
-            with open(f"/proc/{self.pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-            time.sleep(0.01)
+        wait_exited(self.pid, 10)
         lazy_unmount(self.mountpoint)
         self.pid = None
 

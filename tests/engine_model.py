@@ -22,17 +22,20 @@ class VolumeModel:
     exact set of virtual blocks the engine must have mapped.
 
     ``blocks`` maps a virtual block to its full contents (absent = zeros).
-    ``mapped`` is the set of blocks the engine *may* have mapped: any write that
-    is not a whole block of zeros may map the blocks it touches, a whole block
-    of zeros unmaps, and a discard unmaps the whole blocks inside it.  Blocks
-    holding any non-zero byte *must* be mapped.  (A zero piece that leaves a
-    block all zeros may or may not unmap it: the engine avoids provisioning
-    zeros where that is cheap to see; see docs/design.md.)
+    Without zero detection (the default, dm-thin's behaviour) ``mapped`` is
+    exactly the set of blocks the engine has mapped: every write maps the
+    blocks it touches, zeros or not, and a discard unmaps the whole blocks
+    inside it.  With ``zero_detection`` it is the set the engine *may* have
+    mapped: a whole block of zeros unmaps, and a zero piece that leaves a block
+    all zeros may or may not unmap it (the engine avoids provisioning zeros
+    where that is cheap to see; see docs/design.md).  Blocks holding any
+    non-zero byte *must* be mapped in both modes.
     """
 
-    def __init__(self, size: int, block_size: int):
+    def __init__(self, size: int, block_size: int, zero_detection: bool = False):
         self.size = size
         self.bs = block_size
+        self.zero_detection = zero_detection
         self.blocks: dict[int, bytearray] = {}
         self.mapped: set[int] = set()
 
@@ -47,7 +50,7 @@ class VolumeModel:
             lo = pos - vb * bs
             hi = min(end - vb * bs, bs)
             piece = data[pos - offset : pos - offset + hi - lo]
-            if hi - lo == bs and not any(piece):
+            if self.zero_detection and hi - lo == bs and not any(piece):
                 self.blocks.pop(vb, None)
                 self.mapped.discard(vb)
             else:
@@ -119,6 +122,9 @@ def verify_volume(pool, name: str, model: VolumeModel, chunk_blocks: int = 32) -
     assert required <= mapped <= model.mapped, (
         f"{name}: mapped blocks differ: not allowed {sorted(mapped - model.mapped)[:10]}, "
         f"missing {sorted(required - mapped)[:10]}")
+    if not model.zero_detection:  # zeros are data: exactly the blocks written
+        assert mapped == model.mapped, (
+            f"{name}: blocks written but not mapped: {sorted(model.mapped - mapped)[:10]}")
     assert dev.mapped_blocks == len(mapped), f"{name}: mapped_blocks {dev.mapped_blocks} != {len(mapped)}"
     exclusive, shared = pool.device_usage(dev)
     assert exclusive + shared == len(mapped)

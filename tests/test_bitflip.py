@@ -47,9 +47,9 @@ from conftest import write_report as write_report_json
 from engine_model import VolumeModel, first_difference
 
 from fusepool.check import Checker, check_pool, repair
+from fusepool.engine import Pool
 from fusepool.errors import Corrupt, PoolError
 from fusepool.metadata.format import _CHECKSUM_AT, FANOUT, HEADER_SIZE, PAGE_SIZE, Superblock, checksum
-from fusepool.pool import Pool
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB

@@ -27,7 +27,7 @@ from conftest import SMALL_POOL, fusepool_json, is_mounted, run_fusepool
 
 import fusepool
 from fusepool.cli.table import COMMANDS as TABLE
-from fusepool.pool import Pool
+from fusepool.engine import Pool
 
 K, M, G, T = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 BS = 64 * K  # SMALL_POOL's block size (the default)
@@ -599,7 +599,7 @@ def test_mount_same_pool_twice(pool, make_mount, tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from fusepool.pool import Pool
+    from fusepool.engine import Pool
     p = Pool.open(sys.argv[1])
     print("ready", flush=True)
     time.sleep(30)

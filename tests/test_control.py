@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fusepool_json, is_mounted, lazy_unmount, run_fusepool, write_fully
+from conftest import fusepool_json, is_mounted, lazy_unmount, run_fusepool, wait_exited, write_fully
 
 from fusepool import control
 from fusepool.errors import DaemonTimeout
@@ -89,7 +89,7 @@ def test_a_vanishing_client_costs_nothing(mounted, when):
         if when in ("after-go", "mid-stream"):
             s.sendall(b"go\n")
         if when == "mid-stream":
-            # (the stream may follow the header in the same recv: parse the first line only)
+            # the stream may arrive in the same recv as the reply: parse the reply's line only
             assert json.loads(read_line(s).split(b"\n", 1)[0])["ok"]
             s.recv(1000)
         s.close()
@@ -278,12 +278,7 @@ def test_umount_force_detaches_a_stopped_daemon(stopped):
     assert "detached" in proc.stderr
     assert not is_mounted(stopped.mountpoint)
     os.kill(stopped.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 20
-    while os.path.exists(f"/proc/{stopped.pid}") and time.monotonic() < deadline:
-        with open(f"/proc/{stopped.pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        time.sleep(0.05)
+    assert wait_exited(stopped.pid, 20), "the detached daemon did not exit after SIGCONT"
     report = json.loads(run_fusepool("check", stopped.pool, "--json").stdout)
     assert report["ok"]
     stopped.pid = None

@@ -9,7 +9,13 @@ The contract (DESIGN.md "Durability and crash consistency", docs/design.md "Dura
   the snapshot): each byte reads its durable value or a value written to that
   volume after its last durable point;
 - namespace commands (create, snapshot, remove, resize, discard) are durable
-  when they return, and they commit every write made before them.
+  when they return, and they commit every write the daemon received before
+  them.  With the kernel's writeback cache (the default mount) a write may
+  still sit in the kernel's page cache: the CLI flushes the volume a snapshot,
+  discard or resize names before sending the command (and resizes a cached
+  volume through the kernel), and the writers here do the same; with
+  ``--write-through`` every write returned has reached the daemon, so a
+  command commits all of them.
 
 Each volume is modelled by ``durable`` (its content at its last durable
 point), ``current`` (what it holds now, as far as its writer knows) and
@@ -39,10 +45,11 @@ import time
 import traceback
 import warnings
 
+import pytest
 from conftest import daemon_pid, is_mounted, lazy_unmount, run_fusepool
 
 from fusepool import control
-from fusepool.cli import pool_call
+from fusepool.cli import fsync_path, pool_call
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB  # the pool block size (the default)
@@ -122,7 +129,7 @@ def random_write(rng: random.Random, size: int) -> tuple[int, bytes]:
     offset = rng.randrange(nblocks - count + 1) * BS
     if kind == "aligned":
         return offset, rng.randbytes(count * BS)
-    if kind == "zero_blocks":  # whole blocks of zeros: unmapped by zero detection
+    if kind == "zero_blocks":  # whole blocks of zeros: data (unmapped with zero detection)
         return offset, bytes(touched_zeros(count * BS))
     length = min(rng.randint(1, 2 * BS), size)
     return rng.randrange(size - length + 1), bytes(touched_zeros(length))
@@ -332,8 +339,9 @@ class CrashWriter:
     WEIGHTS = {"write": 70, "fsync": 10, "snapshot": 5, "remove": 5, "discard": 4, "resize": 4,
                "create": 2}
 
-    def __init__(self, index: int, pool: str, mountpoint, seed: int):
+    def __init__(self, index: int, pool: str, mountpoint, seed: int, cached: bool = True):
         self.index = index
+        self.cached = cached  # the mount has the kernel's writeback cache (the default)
         self.pool = pool
         self.mountpoint = mountpoint
         self.rng = random.Random(seed)
@@ -357,10 +365,24 @@ class CrashWriter:
         self.commit_all(f"create {name}")
         self.vols[name] = VolModel(name, size)
 
-    def commit_all(self, why: str = "a namespace command") -> None:
-        """A namespace command committed: every write made before it is durable."""
+    def commit_all(self, why: str = "a namespace command", flushed: VolModel | None = None) -> None:
+        """A namespace command committed: every write the daemon received before it is
+        durable.  Write-through: every write made before it.  Writeback cache: only the
+        volume ``flush_like_the_cli`` flushed is known to have reached the daemon."""
+        if self.cached:
+            if flushed is not None:
+                flushed.make_durable(why)
+            return
         for vol in self.vols.values():
             vol.make_durable(why)
+
+    def flush_like_the_cli(self, vol: VolModel, why: str) -> None:
+        """What the CLI does before a snapshot, discard or resize of a cached volume:
+        fsync it through the mount (cli.fsync_path), so the command sees every write."""
+        if self.cached:
+            self.note(f"fsync {vol.name} before {why}")
+            os.fsync(self.fd(vol))
+            vol.make_durable(f"the fsync before {why}")
 
     def fd(self, vol: VolModel) -> int:
         if vol.fd is None:
@@ -414,6 +436,7 @@ class CrashWriter:
             return self.op_remove()
         origin = self.rng.choice(list(self.vols.values()))
         name = self.new_name("s")
+        self.flush_like_the_cli(origin, f"snapshot {name}")
         self.inflight = ("snapshot", name, origin.name, bytes(origin.current))
         self.note(f"snapshot {origin.name} -> {name}")
         online_call(self.pool, "snapshot", {"origin": origin.name, "name": name})
@@ -454,24 +477,32 @@ class CrashWriter:
         length = self.rng.randint(0, min(vol.size - offset, 4 * BS + 1000))
         first, last = -(-offset // BS), (offset + length) // BS  # whole blocks inside
         zeros = bytes(max(0, (last - first) * BS))
+        self.flush_like_the_cli(vol, "a discard")
         self.inflight = ("discard", vol.name, first * BS, zeros)
         self.note(f"discard {vol.name} {offset}+{length} (blocks {first}..{last - 1})")
         online_call(self.pool, "discard", {"name": vol.name, "offset": offset, "length": length})
         self.inflight = None
+        if self.cached:  # (the CLI too) drop the cached pages of the old bytes, or a later
+            # partial-page write would write them back around its own bytes
+            os.posix_fadvise(self.fd(vol), 0, 0, os.POSIX_FADV_DONTNEED)
         vol.write(first * BS, zeros)
-        self.commit_all(f"discard {vol.name}")
+        self.commit_all(f"discard {vol.name}", flushed=vol)
 
     def op_resize(self) -> None:
         vol = self.rng.choice(list(self.vols.values()))
         if vol.size >= MAX_VOLUME_SIZE:
             return self.op_discard()
         size = min(vol.size + self.rng.randint(1, 300 * KiB), MAX_VOLUME_SIZE)
+        self.flush_like_the_cli(vol, "a resize")
         self.inflight = ("resize", vol.name, size)
         self.note(f"resize {vol.name} {vol.size} -> {size}")
-        online_call(self.pool, "resize", {"name": vol.name, "size": size})
+        if self.cached:  # the kernel owns a cached volume's size: the CLI resizes through it
+            os.ftruncate(self.fd(vol), size)
+        else:
+            online_call(self.pool, "resize", {"name": vol.name, "size": size})
         self.inflight = None
         vol.grow(size)
-        self.commit_all(f"resize {vol.name}")
+        self.commit_all(f"resize {vol.name}", flushed=vol)
 
     # --- after the crash ---------------------------------------------------------------
 
@@ -568,12 +599,17 @@ def offline_check(pool) -> None:
     assert proc.returncode == 0, f"fusepool check after the crash: {proc.stdout}{proc.stderr}"
 
 
-def test_kill_under_mixed_workload(make_pool, make_mount):
+@pytest.mark.parametrize("cache", ["writeback", "write-through"])
+def test_kill_under_mixed_workload(make_pool, make_mount, cache):
+    """In the default mount (the kernel's writeback cache) and with --write-through,
+    whose stronger promise (a command commits every write made before it) is checked."""
     seed = int(os.environ.get("FUSEPOOL_SEED", "20240611"))
     rng = random.Random(seed)
     pool = make_pool("crash", *CRASH_POOL)
-    m = make_mount(pool, "--commit-period", "0.2")
-    writers = [CrashWriter(i, str(pool), m.mountpoint, seed * 100 + i) for i in range(N_WRITERS)]
+    through = ("--write-through",) if cache == "write-through" else ()
+    m = make_mount(pool, "--commit-period", "0.2", *through)
+    writers = [CrashWriter(i, str(pool), m.mountpoint, seed * 100 + i, cached=not through)
+               for i in range(N_WRITERS)]
     for w in writers:
         for _ in range(2):
             w.create(w.new_name("v"), rng.randint(MiB, 2 * MiB) + rng.choice([0, rng.randrange(BS)]))
@@ -606,7 +642,7 @@ def test_kill_under_mixed_workload(make_pool, make_mount):
                     interrupted[w.inflight[0]] = interrupted.get(w.inflight[0], 0) + 1
             offline_check(pool)  # no repair step: the last commit is clean
             # Alternate the commit period: timer commits inside the window, or only fsyncs.
-            m.extra = ("--commit-period", rng.choice(["0.2", "1"]))
+            m.extra = ("--commit-period", rng.choice(["0.2", "1"]), *through)
             remount(m)
             present = {v["name"]: v["size"] for v in pool_call(str(pool), "list")}
             for w in writers:
@@ -621,7 +657,7 @@ def test_kill_under_mixed_workload(make_pool, make_mount):
         for w in writers:
             for k, n in w.ops.items():
                 ops[k] = ops.get(k, 0) + n
-        write_report("test_kill_under_mixed_workload", iterations=iterations, kills=kills,
+        write_report(f"test_kill_under_mixed_workload[{cache}]", iterations=iterations, kills=kills,
                      verified_bytes=verified, data_lost=lost, seconds=round(time.monotonic() - started, 1),
                      daemon_hangs=len(hangs), seed=seed, ops=ops, interrupted_commands=interrupted)
     assert not problems, f"iteration {iterations} (seed {seed}):\n" + "\n".join(problems)
@@ -688,6 +724,7 @@ def test_concurrent_writers_and_snapshot_churn(make_pool, make_mount):
                 n += 1
                 snap = f"snap{n}"
                 with locks[origin]:  # no write of the origin is half-way
+                    fsync_path(m.vol(origin))  # as `fusepool snapshot` does (writeback cache)
                     pool_call(str(pool), "snapshot", {"origin": origin, "name": snap})
                     expected = bytearray(models[origin])
                 fd = os.open(m.vol(snap), os.O_RDWR)

@@ -1,4 +1,4 @@
-"""Unit tests of the engine (fusepool.pool.Pool and the metadata store), no FUSE.
+"""Unit tests of the engine (fusepool.engine.Pool and the metadata store), no FUSE.
 
 Organised by the semantic contract in DESIGN.md section 1:
 
@@ -28,6 +28,7 @@ from engine_model import (
     verify_all,
 )
 
+from fusepool.engine import MAX_VOLUME_SIZE, METADATA_RESERVE_PAGES, Pool, min_metadata_pages
 from fusepool.errors import (
     BelowMinFreeSpace,
     Corrupt,
@@ -45,7 +46,6 @@ from fusepool.errors import (
 from fusepool.metadata.format import FANOUT, PAGE_SIZE
 from fusepool.metadata.store import MetadataStore, read_superblocks
 from fusepool.metadata.tree import Tree
-from fusepool.pool import MAX_VOLUME_SIZE, METADATA_RESERVE_PAGES, Pool, min_metadata_pages
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BS = 64 * KiB
@@ -115,15 +115,17 @@ class RandomRun:
 
     MAX_VIRTUAL = 96 * MiB  # total virtual size, bounds the cost of full verification
 
-    def __init__(self, tmp_path, seed: int, block_size: int = BS, crashes: bool = False):
+    def __init__(self, tmp_path, seed: int, block_size: int = BS, crashes: bool = False,
+                 zero_detection: bool = False):
         # Crash runs use few, small volumes and mostly writes, so that both sides of
         # a snapshot write the same blocks between two commits.
         self.MAX_VOLUMES = 4 if crashes else 10
         self.max_small_blocks = 3 if crashes else 8
         self.rng = random.Random(seed)
         self.bs = block_size
+        self.zero_detection = zero_detection
         self.path = new_pool(tmp_path, data_size=128 * MiB, metadata_size=16 * MiB,
-                             block_size=block_size)
+                             block_size=block_size, zero_detection=zero_detection)
         self.pool = Pool.open(self.path)
         self.models: dict[str, VolumeModel] = {}
         self.crashes = crashes
@@ -231,7 +233,7 @@ class RandomRun:
         name = self.new_name()
         dev = self.pool.create_volume(name, size)
         assert dev.size == size and dev.mapped_blocks == 0
-        self.models[name] = VolumeModel(size, bs)
+        self.models[name] = VolumeModel(size, bs, self.zero_detection)
         self.log.append(f"create {name!r} {size}")
 
     def op_write(self) -> None:
@@ -495,6 +497,11 @@ def test_random_operations_match_model(tmp_path, seed):
     RandomRun(tmp_path, seed).run(150)
 
 
+@pytest.mark.parametrize("seed", [5, 6])
+def test_random_operations_match_model_with_zero_detection(tmp_path, seed):
+    RandomRun(tmp_path, seed, zero_detection=True).run(150)
+
+
 def test_random_operations_match_model_128k_blocks(tmp_path):
     RandomRun(tmp_path, 99, block_size=128 * KiB).run(120)
 
@@ -502,6 +509,10 @@ def test_random_operations_match_model_128k_blocks(tmp_path):
 @pytest.mark.parametrize("seed", [11, 12, 13, 14])
 def test_random_operations_with_crashes(tmp_path, seed):
     RandomRun(tmp_path, seed, crashes=True).run(150)
+
+
+def test_random_operations_with_crashes_and_zero_detection(tmp_path):
+    RandomRun(tmp_path, 15, crashes=True, zero_detection=True).run(150)
 
 
 # =====================================================================================
@@ -823,7 +834,7 @@ def test_skip_block_zeroing_may_show_stale_bytes(tmp_path):
 
 
 def test_whole_block_zero_write_unmaps_and_frees(tmp_path):
-    path = new_pool(tmp_path)
+    path = new_pool(tmp_path, zero_detection=True)  # (off by default: tests/test_zero_writes.py)
     with Pool.open(path) as pool:
         v = pool.create_volume("v", 8 * BS)
         pool.write(v.dev_id, 0, pattern(8, 8 * BS))
@@ -913,7 +924,9 @@ def test_discard_unaligned_volume_size(tmp_path):
 
 def test_pool_full(tmp_path):
     nr = 64
-    path = new_pool(tmp_path, data_size=nr * BS, metadata_size=1 * MiB)
+    # With zero detection, for the zero-unmap of a full pool below (without it a zero
+    # write is an overwrite: tests/test_zero_writes.py covers a full pool then).
+    path = new_pool(tmp_path, data_size=nr * BS, metadata_size=1 * MiB, zero_detection=True)
     with Pool.open(path) as pool:
         a = pool.create_volume("a", 32 * BS)
         a_data = pattern(10, 32 * BS)
@@ -1092,7 +1105,7 @@ def test_write_failure_leaves_nothing_behind(tmp_path):
 
 
 def test_crash_keeps_committed_data_and_drops_uncommitted_blocks(tmp_path):
-    path = new_pool(tmp_path)
+    path = new_pool(tmp_path, zero_detection=True)  # (for the uncommitted zero-unmap)
     pool = Pool.open(path)
     v = pool.create_volume("v", 16 * BS)
     committed = pattern(12, 8 * BS)
@@ -1153,7 +1166,7 @@ def test_block_freed_in_running_transaction_is_not_reused(tmp_path):
         pool.write(v.dev_id, 0, b"old" * 1000)
         pool.commit()
         freed = mapping_of(pool, v)[0]
-        pool.write(v.dev_id, 0, bytes(BS))  # frees it in the running transaction
+        pool.discard(v.dev_id, 0, BS)  # frees it in the running transaction
         assert 0 not in mapping_of(pool, v)
         for vb in range(1, 16):
             pool.write(v.dev_id, vb * BS, b"n")
@@ -1170,8 +1183,7 @@ def test_freed_block_not_reused_even_when_it_is_the_only_free_one(tmp_path):
     old = pattern(13, 8 * BS)
     pool.write(v.dev_id, 0, old)
     pool.commit()
-    pool.discard(v.dev_id, 3 * BS, BS)
-    pool.write(v.dev_id, 4 * BS, bytes(BS))
+    pool.discard(v.dev_id, 3 * BS, 2 * BS)
     assert pool.space.free == 0
     with pytest.raises(PoolFull):
         pool.write(v.dev_id, 10 * BS, b"must not land on a freed block")

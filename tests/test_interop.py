@@ -375,7 +375,7 @@ def test_round_trip_out_through_the_thin_tools(make_pool, make_mount, tmp_path):
 
 def test_golden_dump_restore_dump_is_identical(tmp_path):
     """dump -> restore -> dump gives the same XML and names, byte for byte (uuid kept too)."""
-    from fusepool.pool import Pool
+    from fusepool.engine import Pool
 
     pool = tmp_path / "p"
     run_fusepool("init", pool, "--block-size", "128K", *TINY)

@@ -29,12 +29,12 @@ from faultfs import FaultFS, write_image
 
 from fusepool.check import check_offline, check_pool, repair
 from fusepool.cli import format_info
+from fusepool.engine import Pool
 from fusepool.errors import PoolError, ReadOnlyPool
 from fusepool.fs import INODE_BASE, FusepoolOperations
 from fusepool.metadata.format import FANOUT, FLAG_NEEDS_CHECK, PAGE_SIZE
 from fusepool.metadata.store import read_superblocks
 from fusepool.mount import Daemon
-from fusepool.pool import Pool
 
 BS = 64 << 10
 FILES = ("data", "metadata", "journal")
@@ -420,7 +420,9 @@ def test_a_needs_check_pool_mounts_read_only_until_a_clean_check(pool, make_moun
         p.write(p.volume("v").dev_id, 0, b"kept")
         p.commit()
         p.fail_unexpected("injected for the test")
-    m = make_mount(pool)
+    # the errno of the refused write() itself: --write-through (the default cache reports it
+    # at fsync)
+    m = make_mount(pool, "--write-through")
     assert read_all(m.vol("v"), 0, 4) == b"kept"
     fd = os.open(m.vol("v"), os.O_RDWR)
     try:

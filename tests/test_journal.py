@@ -14,10 +14,10 @@ from conftest import read_all, run_fusepool
 
 from fusepool.check import check_pool, repair
 from fusepool.config import JOURNAL
+from fusepool.engine import Pool
 from fusepool.errors import Corrupt
 from fusepool.metadata import journal as journal_format
 from fusepool.metadata.format import UNMAPPED
-from fusepool.pool import Pool
 
 BS = 64 << 10
 
@@ -170,7 +170,7 @@ def test_structure_changes_and_long_journals_take_a_full_commit(tmp_path, monkey
         pool.write(v.dev_id, BS, pattern(2, BS))
         pool.sync()
         assert (pool.commits, pool.journal_syncs) == (commits, 1)
-        monkeypatch.setattr("fusepool.pool.JOURNAL_MAX_MAPPINGS", 3)
+        monkeypatch.setattr("fusepool.engine.txn.JOURNAL_MAX_MAPPINGS", 3)
         pool.write(v.dev_id, 8 * BS, pattern(3, 4 * BS))  # 4 mappings: over the limit
         pool.sync()
         assert (pool.commits, pool.journal_syncs) == (commits + 1, 1)
@@ -192,3 +192,26 @@ def test_fsync_through_the_mount_survives_a_daemon_kill(pool, make_mount):
     m.mount()
     assert read_all(m.vol("v"), 1 << 20, 1 << 20) == data
     assert "replayed 1 journal record(s)" in (pool / "fusepool.log").read_text()
+
+
+def test_a_commit_between_a_flushs_prepare_and_its_io_supersedes_the_record(tmp_path):
+    """The FUSE adapter prepares a FLUSH on the event loop and runs its I/O in a worker
+    thread; a namespace command may commit in between (it resets the journal).  The
+    late record must not be appended: stamped with the old transaction it would sit
+    first in the journal and hide every later record from the replay (fsync-ed data
+    lost), and stamped anew it would take back mappings changed since."""
+    path = new_pool(tmp_path)
+    pool = Pool.open(path)
+    v = pool.create_volume("v", 16 * BS)
+    pool.write(v.dev_id, 0, pattern(1, BS))
+    job = pool.prepare_sync()  # the FLUSH, taken on the loop ...
+    pool.create_volume("other", BS)  # ... a commit runs before its thread does
+    pool.run_sync(job)
+    pool.finish_sync(job)
+    assert job.superseded and pool.journal.end == 0
+    pool.write(v.dev_id, 2 * BS, pattern(2, BS))  # a later write and FLUSH: a real record
+    pool.sync()
+    want = contents(pool)
+    crash(pool)
+    with Pool.open(path) as pool:
+        assert contents(pool) == want

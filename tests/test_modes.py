@@ -22,7 +22,7 @@ from conftest import check_blocks, fusepool_json, read_all, run_fusepool
 from test_space import check_clean, wait_for, write_fully
 
 from fusepool import autoextend
-from fusepool.pool import Pool
+from fusepool.engine import Pool
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
@@ -247,7 +247,9 @@ def test_autoextend_stops_at_max_data_size(make_pool, make_mount):
     """Grows up to --max-data-size, then the writer gets ENOSPC; the pool stays clean."""
     pool = make_pool("p", "--data-size", "8M", *META, "--autoextend-threshold", "80",
                      "--autoextend-percent", "50", "--max-data-size", "20M")
-    m = make_mount(pool)
+    # ENOSPC at write() itself once autoextend stops: --write-through (the default cache
+    # reports it at fsync)
+    m = make_mount(pool, "--write-through")
     create(pool, "v")
     writer = Appender(m.vol("v"), seed=1, limit=64 * MiB)
     writer.run()  # in this thread: it stops at the first error
@@ -294,7 +296,9 @@ def test_queued_write_succeeds_once_autoextend_may_grow(make_pool, make_mount):
     """Queue mode: a write waiting on a full pool succeeds when `set` raises the maximum."""
     pool = make_pool("p", "--data-size", "8M", *META, "--autoextend-threshold", "80",
                      "--autoextend-percent", "50", "--max-data-size", "8M", "--no-space-timeout", "30")
-    m = make_mount(pool)
+    # a write() that waits for space (queue mode): --write-through (with the default cache
+    # the kernel's writeback waits instead)
+    m = make_mount(pool, "--write-through")
     create(pool, "v")
     writer = Appender(m.vol("v"), seed=2, limit=16 * MiB)
     writer.start()

@@ -314,10 +314,11 @@ def test_partial_write_with_skip_block_zeroing(make_pool, make_mount):
     assert read_all(m.vol("v"), BS + 1000, 5) == b"hello"
 
 
-# --- 4. zero detection and discard -----------------------------------------------------------
+# --- 4. zero detection (init --zero-detection) and discard ---------------------------------
 
 def test_zero_block_writes_unmap_and_discard_frees(make_pool, make_mount):
-    pool = make_pool("p", *TINY)
+    # Zero detection is off by default (zeros are data, as dm-thin): tests/test_zero_writes.py.
+    pool = make_pool("p", *TINY, "--zero-detection")
     m = make_mount(pool)
     rng = random.Random(4)
     create(pool, "v", "2M")
@@ -370,12 +371,13 @@ def test_zero_write_from_untouched_buffer_unmaps(make_pool, make_mount):
     (a fresh ``bytes(1 << 20)`` often is: calloc'ed memory), the kernel hands
     the write to the daemon in pieces that end at every user page boundary
     (here 304 + 3792 bytes, ...), so no single FUSE write covers a whole block.
-    The zeros still cover whole blocks, and DESIGN.md promises that a write of
-    a whole block of zeros unmaps it (the only way to punch holes through FUSE);
+    The zeros still cover whole blocks, and zero detection promises that a write
+    of a whole block of zeros unmaps it (the only way to punch holes through FUSE);
     the engine has to recognise zero blocks that arrive in pieces.  An
     anonymous mmap sliced at an odd offset reproduces the case every time.
+    (With zero detection, which is off by default.)
     """
-    pool = make_pool("p", *TINY)
+    pool = make_pool("p", *TINY, "--zero-detection")
     m = make_mount(pool)
     create(pool, "v", "4M")
     pwrite_all(m.vol("v"), 0, random.Random(5).randbytes(MiB))
@@ -401,7 +403,9 @@ def test_zero_write_from_untouched_buffer_unmaps(make_pool, make_mount):
 
 def test_pool_full_enospc_and_recovery(make_pool, make_mount):
     pool = make_pool("p", "--data-size", "16M", "--metadata-size", "8M", "--min-free-space", "0%")
-    m = make_mount(pool)
+    # ENOSPC at write() itself: --write-through (the default cache reports it at fsync:
+    # test_writeback.py)
+    m = make_mount(pool, "--write-through")
     rng = random.Random(6)
     create(pool, "other", "1M")
     other = bytearray(1 * MiB)

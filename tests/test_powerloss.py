@@ -42,12 +42,13 @@ from conftest import write_report as write_report_json
 from engine_model import VolumeModel, check_invariants, crash, first_difference, verify_all
 from faultfs import POLICIES, Event, FaultFS, write_image
 
-import fusepool.pool as pool_module
+import fusepool.engine.datapath as datapath_module
+import fusepool.engine.pool as pool_module
 from fusepool.check import check_pool
+from fusepool.engine import Pool
 from fusepool.errors import Corrupt, PoolFull
 from fusepool.metadata.format import PAGE_SIZE, Superblock
 from fusepool.metadata.store import CURRENT
-from fusepool.pool import Pool
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
@@ -582,7 +583,9 @@ def test_power_loss_random_workload(tmp_path, fs, seed, monkeypatch):
     # A fake wall clock: the device table (with its timestamps) then has the same size in
     # every run, so the page layout, the I/O events and the cuts are reproducible by seed.
     ticks = iter(range(1_700_000_000, 1 << 62))
-    monkeypatch.setattr(pool_module, "wallclock", SimpleNamespace(time=lambda: float(next(ticks))))
+    clock = SimpleNamespace(time=lambda: float(next(ticks)))
+    for module in (pool_module, datapath_module):
+        monkeypatch.setattr(module, "wallclock", clock)
     start = time.monotonic()
     events0 = fs.events
     w = Workload(tmp_path, seed, fs)
@@ -611,7 +614,7 @@ def _scripted(pool, mark) -> None:
     mark()
     pool.write(v.dev_id, 0, b"v after snap")  # copy on write (the origin)
     pool.write(s.dev_id, BS, b"s after snap")  # copy on write (the snapshot)
-    pool.write(s.dev_id, 2 * BS, bytes(BS))  # whole zero block: unmap (frees nothing: shared)
+    pool.write(s.dev_id, 2 * BS, bytes(BS))  # whole zero block: a new block (zeros are data)
     pool.commit()
     mark()
     pool.discard(v.dev_id, 0, 2 * BS)  # frees v's copy of block 0 (block 1 is shared)
@@ -751,7 +754,7 @@ def test_block_freed_before_a_power_cut_is_not_reused(tmp_path, fs):
         pool.write(v.dev_id, 0, a)
         pool.write(w.dev_id, 0, b[: 4 * BS])
         pool.commit()  # the pool is full
-        pool.write(v.dev_id, 0, bytes(BS))  # unmaps (frees) v's block 0: not committed
+        pool.discard(v.dev_id, 0, BS)  # frees v's block 0: not committed
         pool.discard(v.dev_id, BS, BS)  # and block 1
         with pytest.raises(PoolFull):
             pool.write(w.dev_id, 4 * BS, b[4 * BS :])  # nothing may be allocated before the commit

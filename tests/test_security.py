@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_POOL, fusepool_json, read_all, require, run_fusepool, write_fully
 
-from fusepool.pool import Pool
+from fusepool.engine import Pool
 
 KiB, MiB = 1 << 10, 1 << 20
 NOBODY = 65534  # another user: the tests run as root and hand files to this uid

@@ -48,7 +48,7 @@ def test_sigterm_and_sigint_unmount_cleanly(pool, make_mount):
             time.sleep(0.05)
         m.pid = None
         # committed: an offline reader sees the data, and the pool is not locked
-        from fusepool.pool import Pool
+        from fusepool.engine import Pool
 
         with Pool.open(str(pool)) as p:
             assert p.read(p.volume("v").dev_id, 0, len(data)) == data

@@ -151,7 +151,9 @@ def verify(m, models: dict) -> None:
 def test_data_full_enospc_with_concurrent_writers(make_pool, make_mount, recovery):
     """Three writers fill a 16 MiB pool: ENOSPC, owned blocks stay writable, then recovery."""
     pool = make_pool("p", "--data-size", "16M", "--metadata-size", "8M", "--min-free-space", "0%")
-    m = make_mount(pool)
+    # each writer's ENOSPC at write() itself: --write-through (the default cache reports it
+    # at fsync: test_writeback.py)
+    m = make_mount(pool, "--write-through")
     rng = random.Random(11)
     create(pool, "other", "1M")
     other = bytearray(rng.randbytes(512 * KiB))
@@ -271,15 +273,18 @@ class BlockedWrite(threading.Thread):
 
 @pytest.mark.parametrize("where", ["init", "mount"])
 def test_queue_mode_waits_for_space(make_pool, make_mount, where):
-    """--no-space-timeout (set at init, or by the mount): writes wait for space, then ENOSPC."""
+    """--no-space-timeout (set at init, or by the mount): writes wait for space, then ENOSPC.
+
+    --write-through: this is about write() itself waiting (with the default cache the
+    kernel's writeback of the cached pages waits instead)."""
     if where == "init":
         pool = make_pool("p", "--data-size", "8M", "--metadata-size", "8M", "--min-free-space", "0%",
                          "--no-space-timeout", str(TIMEOUT))
-        m = make_mount(pool)
+        m = make_mount(pool, "--write-through")
         assert info(pool)["no_space_timeout"] == TIMEOUT
     else:  # an error-mode pool, queued by this mount only
         pool = make_pool("p", "--data-size", "8M", "--metadata-size", "8M", "--min-free-space", "0%")
-        m = make_mount(pool, "--no-space-timeout", str(TIMEOUT))
+        m = make_mount(pool, "--no-space-timeout", str(TIMEOUT), "--write-through")
     rng = random.Random(21)
     create(pool, "keep", "1M")
     keep = rng.randbytes(BS)
@@ -490,7 +495,9 @@ def host_free(path) -> int:
 def test_host_filesystem_full_under_data_file(hostfs_pool):
     """A 256 MiB pool on a 24 MiB tmpfs: the host fills before the pool does."""
     pool, make_mount = hostfs_pool
-    m = make_mount(pool)
+    # the host's ENOSPC at write() itself: --write-through (the default cache reports it at
+    # fsync)
+    m = make_mount(pool, "--write-through")
     create(pool, "other", "1M")
     other = random.Random(31).randbytes(256 * KiB)
     write_fully(m.vol("other"), 0, other)

@@ -1,9 +1,13 @@
-"""`fusepool mount --writeback-cache`: the kernel caches writes; the pool's semantics hold.
+"""The kernel's writeback cache, `fusepool mount`'s default: the pool's semantics hold.
 
+As for a kernel thin volume used through its block device, buffered writes
+return once in the kernel's page cache (`mount --write-through` turns that off).
 Snapshots and discards must see every write made before them (the CLI flushes
 the volume through the mount first), fsync must still make data durable, online
 resizes must reach the kernel (which owns a cached volume's size), and running
-out of space must still be reported (at fsync instead of at write).
+out of space must still be reported (at fsync instead of at write).  Reads the
+kernel makes through a write-only handle (to fill a page a write covers in part)
+must be served.  `--writeback-cache` is still accepted and means the default.
 """
 
 import errno
@@ -24,13 +28,52 @@ def pattern(seed: int, n: int) -> bytes:
 
 @pytest.fixture
 def wb_mount(pool, make_mount):
-    return make_mount(pool, "--writeback-cache")
+    return make_mount(pool)  # the default
 
 
-def test_status_says_the_writeback_cache_is_on(pool, wb_mount):
+@pytest.mark.parametrize("options, cached", [((), True), (("--writeback-cache",), True),
+                                             (("--write-through",), False)])
+def test_status_says_whether_the_writeback_cache_is_on(pool, make_mount, options, cached):
     from fusepool import control
 
-    assert control.request(str(pool), "status")["writeback_cache"] is True
+    make_mount(pool, *options)
+    assert control.request(str(pool), "status")["writeback_cache"] is cached
+
+
+def test_write_through_and_writeback_cache_exclude_each_other(pool, tmp_path):
+    (tmp_path / "mnt").mkdir()
+    r = run_fusepool("mount", pool, tmp_path / "mnt", "--write-through", "--writeback-cache",
+                     check=False)
+    assert r.returncode == 2 and r.stderr.startswith("fusepool: error: ")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_a_write_only_open_can_write_part_of_a_page(pool, wb_mount):
+    """The kernel reads the rest of the page through the write-only handle first.
+
+    The volume is write-only for its owner (0200), so under default_permissions
+    only an O_WRONLY open passes: the daemon must still answer that handle's
+    reads (libfuse: with writeback caching, reads come on write-only handles).
+    """
+    run_fusepool("create", pool, "v", "--size", "1M")
+    data = pattern(5, 3 * 4096)
+    with open(wb_mount.vol("v"), "r+b") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # so the kernel must read
+    os.chmod(wb_mount.vol("v"), 0o200)
+    fd = os.open(wb_mount.vol("v"), os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"middle", 4096 + 100) == 6
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(wb_mount.vol("v"), 0o600)
+    want = bytearray(data)
+    want[4096 + 100 : 4096 + 106] = b"middle"
+    assert read_all(wb_mount.vol("v"), 0, len(data)) == bytes(want)
 
 
 def test_snapshot_sees_writes_still_in_the_kernel_cache(pool, wb_mount):
@@ -81,7 +124,7 @@ def test_online_resize_reaches_the_kernel(pool, wb_mount):
 
 @pytest.mark.parametrize("cache", ["writeback", "write-through"])
 def test_discard_after_buffered_writes_reads_zeros(pool, make_mount, cache):
-    m = make_mount(pool, *(["--writeback-cache"] if cache == "writeback" else []))
+    m = make_mount(pool, *(["--write-through"] if cache == "write-through" else []))
     run_fusepool("create", pool, "v", "--size", "4M")
     with open(m.vol("v"), "r+b") as f:
         f.write(pattern(4, 4 * MiB))
@@ -97,7 +140,7 @@ def test_discard_after_buffered_writes_reads_zeros(pool, make_mount, cache):
 
 def test_out_of_space_is_reported_at_fsync(tmp_path, make_pool, make_mount):
     pool = make_pool("small", "--data-size", "8M", "--metadata-size", "8M", "--min-free-space", "0")
-    m = make_mount(pool, "--writeback-cache")
+    m = make_mount(pool)
     run_fusepool("create", pool, "v", "--size", "16M")
     fd = os.open(m.vol("v"), os.O_RDWR)
     try:

@@ -24,19 +24,25 @@ import sys
 from fusepool.cli.parser import build_parser
 from fusepool.errors import PoolError
 
-__all__ = ["build_parser", "format_info", "main", "pool_call"]
+__all__ = ["build_parser", "format_info", "fsync_path", "main", "pool_call", "process_alive"]
+
+
+# Names tests and tools import from here: module and name, loaded only when asked for
+# (start-up time).
+_EXPORTS = {
+    "pool_call": ("dispatch", "call"),
+    "fsync_path": ("dispatch", "fsync_path"),
+    "format_info": ("info_block", "format_info"),
+    "process_alive": ("daemon", "process_alive"),
+}
 
 
 def __getattr__(name: str):
-    # Names tests and tools import from here, loaded only when asked for (start-up time).
-    if name == "pool_call":
-        from fusepool.cli.dispatch import call
+    if name in _EXPORTS:
+        import importlib
 
-        return call
-    if name == "format_info":
-        from fusepool.cli.info_block import format_info
-
-        return format_info
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(f"fusepool.cli.{module}"), attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -16,6 +16,8 @@ def forwarded_options(a) -> list[str]:
     """The table's mount options as given, for the daemon's command line."""
     argv = []
     for arg in MOUNT_OPTIONS:
+        if not arg.forward:
+            continue
         value = getattr(a, arg.dest)
         if arg.options.get("action") == "store_true":
             argv += [arg.flags[0]] if value else []
@@ -76,7 +78,11 @@ def run_foreground(pool_dir: str, mountpoint: str, a) -> None:
             ready_file.write("ready\n")
             ready_file.close()
 
-    options = {arg.dest: getattr(a, arg.dest) for arg in MOUNT_OPTIONS}
+    options = {}  # the forwarded options, as serve's keywords
+    for arg in MOUNT_OPTIONS:
+        if arg.forward:
+            value = getattr(a, arg.dest)
+            options[arg.keyword or arg.dest] = arg.convert(value) if arg.convert else value
     try:
         serve(pool_dir, mountpoint, on_ready=on_ready, **options)
     except PoolError as exc:

@@ -1,22 +1,24 @@
 """Where a command runs: through the mount daemon, or on the pool opened here.
 
-This is the CLI's one online/offline branch point.  When the pool is mounted,
-its daemon owns it: commands travel over the control socket and volume data
-goes through the mount.  When it is not, the CLI opens the pool itself (under
-its lock) and runs the same code, :func:`fusepool.commands.run`, in-process.
+This is the CLI's one online/offline branch point; no handler asks whether the
+pool is mounted.  When it is, its daemon owns it: commands travel over the
+control socket, volume data goes through the mount, and the kernel's writeback
+cache is flushed where a command must see every write.  When it is not, the CLI
+opens the pool itself (under its lock) and runs the same code,
+:func:`fusepool.commands.run`, in-process.
 
 - :func:`call` runs one command either way (the daemon is tried first, so a
   mounted pool costs one round trip);
-- :func:`connect` gives a session for commands made of several steps and of
-  volume I/O (``export``, ``import``): the same methods whichever way the pool
-  is reachable.
-"""
+- :func:`connect` gives a session (:class:`Online` or :class:`Offline`) for the
+  commands that are more than one request (``snapshot``, ``resize``,
+  ``discard``, ``export``, ``import``, ``info``, ``repair``): the same methods
+  whichever way the pool is reachable."""
 
 import contextlib
 import os
 
 from fusepool import control
-from fusepool.errors import PoolError
+from fusepool.errors import InvalidArgument, PoolError
 
 _NO_DAEMON = (FileNotFoundError, ConnectionRefusedError)
 
@@ -57,20 +59,39 @@ def call(pool_dir: str, op: str, args: dict | None = None, output=None, offline=
 
 @contextlib.contextmanager
 def connect(pool_dir: str):
-    """An :class:`Online` or :class:`Offline` session on the pool.
+    """An :class:`Online` or :class:`Offline` session on the pool, for the commands that
+    differ beyond "where does the request go": volume data, or the kernel's cache.
 
     Nothing is opened before the session is first used, so a command can check
     its arguments (knowing ``session.mountpoint``) before it takes the pool's lock.
+    A daemon that exists but does not answer is an error, as for :func:`call`
+    (not a reason to try the pool's lock).
     """
     pool_dir = os.path.abspath(pool_dir)
     require_pool(pool_dir)
-    status = daemon_status(pool_dir)
+    try:
+        status = control.request(pool_dir, "status")
+    except _NO_DAEMON:
+        status = None
     with Online(pool_dir, status) if status else Offline(pool_dir) as session:
         yield session
 
 
+def fsync_path(path: str) -> None:
+    """fsync one file, also when its mode lets us only write it (a volume ``chmod 200``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # fsync needs an open file, of any access mode
+        fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Session:
-    """What :class:`Online` and :class:`Offline` share: the steps export and import take."""
+    """The steps of the commands that are more than one request: the same methods
+    whether the daemon or this process has the pool."""
 
     pool_dir: str
     mountpoint: str | None
@@ -83,6 +104,20 @@ class _Session:
 
     def call(self, op: str, args: dict | None = None, output=None):
         raise NotImplementedError
+
+    def sync(self, name: str) -> None:
+        """Make every write to volume ``name`` made so far visible to the pool's commands."""
+
+    def snapshot(self, origin: str, name: str) -> dict:
+        self.sync(origin)  # as LVM suspends (flushes) an origin before snapshotting it
+        return self.call("snapshot", {"origin": origin, "name": name})
+
+    def resize(self, name: str, size: int, relative: bool) -> dict:
+        return self.call("resize", {"name": name, "size": size, "relative": relative})
+
+    def discard(self, name: str, offset: int, length: int) -> dict:
+        self.sync(name)  # or a cached write would land after the discard
+        return self.call("discard", {"name": name, "offset": offset, "length": length})
 
     @contextlib.contextmanager
     def frozen(self, name: str):
@@ -107,21 +142,65 @@ class _Session:
 
 
 class Online(_Session):
-    """The pool's mount daemon runs the commands; volume data goes through its mount."""
+    """The pool's mount daemon runs the commands; volume data goes through its mount.
+
+    With the kernel's writeback cache (the mount's default) the kernel holds
+    writes the daemon has not seen yet, and owns the size of an open volume: a
+    command that must see every write flushes the volume through the mount
+    first, and a resize goes through the mount.
+    """
 
     def __init__(self, pool_dir: str, status: dict):
         self.pool_dir = pool_dir
         self.status = status
         self.mountpoint = status["mountpoint"]
+        self.cached = bool(status.get("writeback_cache"))
 
     def call(self, op: str, args: dict | None = None, output=None):
         return control.request(self.pool_dir, op, args or {}, output=output)
+
+    def path(self, name: str) -> str | None:
+        """Volume ``name``'s file in the mount (None if there is none)."""
+        path = os.path.join(self.mountpoint, name)
+        return path if os.path.isfile(path) else None
+
+    def sync(self, name: str) -> None:
+        path = self.path(name) if self.cached else None
+        if path is not None:
+            fsync_path(path)
+
+    def resize(self, name: str, size: int, relative: bool) -> dict:
+        path = self.path(name) if self.cached else None
+        if path is None:
+            return super().resize(name, size, relative)
+        fsync_path(path)  # the resize's commit covers every write made before it
+        current = os.stat(path).st_size
+        size = current + size if relative else size
+        if size < current:  # (the engine's error, as when the daemon refuses it)
+            raise InvalidArgument(f"cannot shrink volume {name!r} from {current} to {size} "
+                                  "bytes: volumes only grow")
+        try:
+            os.truncate(path, size)
+        except OSError as exc:
+            raise PoolError(f"cannot resize volume {name!r} to {size} bytes: {exc.strerror}") from None
+        return {"name": name, "size": size}
+
+    def discard(self, name: str, offset: int, length: int) -> dict:
+        result = super().discard(name, offset, length)
+        path = self.path(name)
+        if path is not None:  # pages the kernel still caches would show the old bytes
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return result
 
     @contextlib.contextmanager
     def frozen(self, name: str):
         # The origin stays writable through the mount: copy a temporary snapshot of it.
         temp = f"{name}.export-{os.getpid()}"
-        self.call("snapshot", {"origin": name, "name": temp})
+        self.snapshot(name, temp)
         try:
             yield temp
         finally:
@@ -172,7 +251,7 @@ class Offline(_Session):
 
             if not logging.getLogger().handlers:
                 logging.basicConfig(level=logging.WARNING, format="fusepool: %(message)s")
-            from fusepool.pool import Pool
+            from fusepool.engine import Pool
 
             self._pool = Pool.open(self.pool_dir)
         return self._pool
@@ -217,20 +296,3 @@ class EngineVolume:
 
     def flush(self) -> None:
         self.pool.commit()
-
-
-def mounted_volume(pool_dir: str, name: str, cached_only: bool = False) -> tuple[str | None, bool]:
-    """``(path of the volume in the mount, whether the kernel caches its writes)``."""
-    status = daemon_status(os.path.abspath(pool_dir))
-    cached = bool(status and status.get("writeback_cache"))
-    if not status or (cached_only and not cached):
-        return None, False
-    path = os.path.join(status["mountpoint"], name)
-    if not os.path.isfile(path):
-        return None, False
-    return path, cached
-
-
-def cached_volume(pool_dir: str, name: str) -> str | None:
-    """The volume's path in the mount when the kernel caches its writes (--writeback-cache)."""
-    return mounted_volume(pool_dir, name, cached_only=True)[0]

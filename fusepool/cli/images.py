@@ -24,7 +24,10 @@ def dump(a) -> None:
             check_output(path, pool_dir)
     with (open(open_output(a.output, pool_dir), "wb") if a.output
           else contextlib.nullcontext(sys.stdout.buffer)) as out:
-        res = dispatch.call(a.pool, "dump", output=out)
+        from fusepool.progress import counting
+
+        with counting(out, "dump") as shown:  # progress on a terminal: a big dump takes a while
+            res = dispatch.call(a.pool, "dump", output=shown)
     if a.names:
         with open(open_output(a.names, pool_dir), "w") as f:
             json.dump(res["names"], f, indent=2)
@@ -64,8 +67,8 @@ def delta(a) -> None:
 
 
 def export(a) -> None:
-    """Copy a consistent state of the volume: online a temporary snapshot read through the
-    mount, offline the volume itself (the pool is locked here)."""
+    """Copy a consistent state of the volume: online a temporary snapshot (of every write
+    made so far) read through the mount, offline the volume itself (the pool is locked here)."""
     from fusepool.interop.images import export_image
     from fusepool.outputs import check_output
 

@@ -1,5 +1,5 @@
 """``info``'s text: Docker's devicemapper ``docker info`` block, and the one-line
-descriptions of the autoextend and low-water settings (``info``, ``set``)."""
+descriptions of the autoextend, low-water and zero-detection settings (``info``, ``set``)."""
 
 from fusepool.units import human_size
 
@@ -16,6 +16,10 @@ def describe_low_water(st: dict) -> str:
         return "off"
     hook = st.get("on_low_water")
     return f"{st['low_water_mark']} blocks" + (f", runs {hook}" if hook else "")
+
+
+def describe_zero_detection(st: dict) -> str:
+    return "on" if st.get("zero_detection") else "off"
 
 
 def format_info(st: dict) -> str:
@@ -43,6 +47,7 @@ def format_info(st: dict) -> str:
         ("Low Water Mark", describe_low_water(st)),
         ("No Space Policy", f"queue ({st['no_space_timeout']:g} s)" if st.get("no_space_timeout")
          else "error"),
+        ("Zero Detection", describe_zero_detection(st)),
         ("Volumes", str(st["volume_count"])),
         ("Mounted At", st.get("mounted") or "-"),
     ]

@@ -48,6 +48,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sp.formatter_class = argparse.RawDescriptionHelpFormatter
             sp.epilog = command.epilog
         sp.set_defaults(func=Handler(command))
+        groups = {}
         for arg in command.args:
-            sp.add_argument(*arg.flags, **arg.options)
+            if arg.exclusive and arg.exclusive not in groups:
+                groups[arg.exclusive] = sp.add_mutually_exclusive_group()
+            (groups[arg.exclusive] if arg.exclusive else sp).add_argument(*arg.flags, **arg.options)
     return p

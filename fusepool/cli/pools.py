@@ -4,17 +4,22 @@ import os
 import sys
 
 from fusepool.cli import dispatch
-from fusepool.cli.info_block import describe_autoextend, describe_low_water, format_info
+from fusepool.cli.info_block import (
+    describe_autoextend,
+    describe_low_water,
+    describe_zero_detection,
+    format_info,
+)
 from fusepool.cli.output import emit_json
-from fusepool.cli.table import space_options
+from fusepool.cli.table import SET_OPTIONS, space_options
 from fusepool.errors import PoolError, UsageError
 from fusepool.units import human_size, parse_percent, parse_size
 
 
-def space_settings(a) -> dict:
-    """The pool settings given (the options of ``space_options``, shared by init and set)."""
+def given_settings(a, options) -> dict:
+    """The pool settings among ``options`` (``Arg``s of the table) that were given, converted."""
     settings = {}
-    for arg in space_options():
+    for arg in options:
         value = getattr(a, arg.dest)
         if value is not None:
             settings[arg.dest] = arg.convert(value) if arg.convert else value
@@ -22,7 +27,7 @@ def space_settings(a) -> dict:
 
 
 def init(a) -> None:
-    from fusepool.pool import Pool
+    from fusepool.engine import Pool
 
     block_size = parse_size(a.block_size)
     data_size = Pool.create(
@@ -31,7 +36,7 @@ def init(a) -> None:
         base_size=parse_size(a.base_size), min_free_space=parse_percent(a.min_free_space),
         skip_block_zeroing=a.skip_block_zeroing, no_space_timeout=a.no_space_timeout,
         mode=a.mode, data_device=a.data_device, preallocate=a.preallocate, force=a.force,
-        **space_settings(a))
+        zero_detection=a.zero_detection, **given_settings(a, space_options()))
     config = dispatch.require_pool(a.pool)
     where = (f"on {config.data_device}" if config.data_device else
              "preallocated" if config.preallocated else "sparse")
@@ -40,18 +45,19 @@ def init(a) -> None:
 
 
 def set_(a) -> None:
-    settings = space_settings(a)
+    settings = given_settings(a, SET_OPTIONS)
     if not settings:
-        flags = [arg.flags[0] for arg in space_options()]
+        flags = [arg.flags[0] for arg in SET_OPTIONS]
         raise UsageError(f"nothing to set: give {', '.join(flags[:-1])} and/or {flags[-1]}")
     st = dispatch.call(a.pool, "set", settings)
-    print(f"autoextend: {describe_autoextend(st)}; low-water mark: {describe_low_water(st)}")
+    print(f"autoextend: {describe_autoextend(st)}; low-water mark: {describe_low_water(st)}; "
+          f"zero detection: {describe_zero_detection(st)}")
 
 
 def info(a) -> None:
-    st = dispatch.call(a.pool, "info")
-    status = dispatch.daemon_status(os.path.abspath(a.pool))
-    st["mounted"] = status["mountpoint"] if status else None
+    with dispatch.connect(a.pool) as pool:
+        st = pool.call("info")
+        st["mounted"] = pool.mountpoint
     if a.json:
         return emit_json(st)
     print(format_info(st))
@@ -93,9 +99,8 @@ def repair(a) -> None:
     from fusepool.cli.check_report import progress_bar
 
     pool_dir = os.path.abspath(a.pool)
-    dispatch.require_pool(pool_dir)
-    status = dispatch.daemon_status(pool_dir)
-    if status:
-        raise PoolError(f"pool {pool_dir} is mounted at {status['mountpoint']}: unmount it before repair")
+    with dispatch.connect(pool_dir) as pool:
+        if pool.mountpoint:
+            raise PoolError(f"pool {pool_dir} is mounted at {pool.mountpoint}: unmount it before repair")
     for line in repair(pool_dir, progress_bar("reading")):
         print(line)

@@ -11,24 +11,34 @@ only when its command runs.  Two option groups are shared with their handlers:
 - ``MOUNT_OPTIONS``: options of ``mount`` that the background mount passes on
   to its daemon and that reach :func:`fusepool.mount.serve` as keywords;
 - ``space_options()``: the pool settings ``init`` and ``set`` both take; their
-  given values reach ``Pool.create`` / ``Pool.configure`` as keywords.
+  given values reach ``Pool.create`` / ``Pool.configure`` as keywords
+  (``SET_OPTIONS``: all that ``set`` changes).
 
 Adding either kind of option is one line here (and its meaning in the engine).
 """
 
 import argparse
+import operator
 
 from fusepool.cli.argtypes import non_negative_float, non_negative_int, positive_float
 
 
 class Arg:
-    """One ``add_argument`` call.  ``forward``: a mount option passed on to the daemon;
-    ``convert``: applied by the handler (so its errors are ``fusepool: error:`` lines)."""
+    """One ``add_argument`` call.
 
-    __slots__ = ("flags", "options", "forward", "convert")
+    ``convert``: applied to the given value by the handler (so its errors are
+    ``fusepool: error:`` lines); ``exclusive``: the name of the mutually exclusive
+    group the option belongs to.  For ``MOUNT_OPTIONS`` only: ``forward``, passed on
+    to the daemon's command line and to :func:`fusepool.mount.serve`, as keyword
+    ``keyword`` (default: the option's dest) with ``convert`` applied.
+    """
 
-    def __init__(self, *flags: str, forward: bool = False, convert=None, **options):
+    __slots__ = ("flags", "options", "forward", "convert", "exclusive", "keyword")
+
+    def __init__(self, *flags: str, forward: bool = False, convert=None, exclusive: str | None = None,
+                 keyword: str | None = None, **options):
         self.flags, self.options, self.forward, self.convert = flags, options, forward, convert
+        self.exclusive, self.keyword = exclusive, keyword
 
     @property
     def dest(self) -> str:
@@ -77,6 +87,13 @@ def space_options(changing: bool = False) -> list[Arg]:
     ]
 
 
+# What `set` changes (the handler's "nothing to set" names them all, in this order).
+SET_OPTIONS = space_options(changing=True) + [
+    Arg("--zero-detection", choices=["on", "off"], convert=lambda value: value == "on",
+        help="on: writes of zeros into unmapped blocks store nothing and blocks left "
+        "all zeros are unmapped; off: zeros are data (dm-thin)"),
+]
+
 POOL = Arg("pool", metavar="POOL")
 NAME = Arg("name", metavar="NAME")
 JSON = Arg("--json", action="store_true")
@@ -87,9 +104,14 @@ MOUNT_OPTIONS = [
     Arg("--allow-other", action="store_true", forward=True, help="let other users access the mount"),
     Arg("--no-space-timeout", type=non_negative_float, metavar="SECONDS", forward=True,
         help="override the pool's out-of-space wait for this mount"),
-    Arg("--writeback-cache", action="store_true", forward=True,
-        help="let the kernel cache writes (faster small writes; out-of-space errors "
-             "then show at fsync or close: see docs/performance.md)"),
+    Arg("--write-through", action="store_true", forward=True, exclusive="cache",
+        keyword="writeback_cache", convert=operator.not_,
+        help="send every write to the daemon before it returns, so that errors "
+        "(out of space) show at write(); the default is the kernel's writeback "
+        "cache, as for a kernel thin volume's block device: writes return once "
+        "cached, errors show at fsync or close (see README)"),
+    Arg("--writeback-cache", action="store_true", exclusive="cache",
+        help="the default (kept for compatibility; does nothing)"),
     Arg("--nonempty", action="store_true", forward=True,
         help="mount even if MOUNTPOINT holds files (the mount hides them)"),
 ]
@@ -133,6 +155,10 @@ COMMANDS = [
             help="refuse new volumes/snapshots below this free space (default 10%%)"),
         Arg("--skip-block-zeroing", action="store_true",
             help="do not zero new blocks on partial writes (stale data may show)"),
+        Arg("--zero-detection", action="store_true",
+            help="store nothing for writes of zeros into unmapped blocks and unmap blocks "
+            "that writes leave all zeros (qemu's detect-zeroes=unmap; default off: zeros "
+            "are provisioned like any data, as dm-thin does)"),
         Arg("--no-space-timeout", type=non_negative_float, default=0.0, metavar="SECONDS",
             help="out of data space: let allocating writes wait this long for space "
             "before failing with ENOSPC (dm-thin's queue mode; default 0: fail at once)"),
@@ -199,8 +225,8 @@ COMMANDS = [
             "unmounted pool clears its needs-check flag, nothing else changes", "pools:check",
             args=[POOL, JSON]),
     Command("repair", "rebuild the metadata from its newest intact commit", "pools:repair", args=[POOL]),
-    Command("set", "change a pool's autoextend and low-water settings (mounted or not)", "pools:set_",
-            light=True, args=[POOL, *space_options(changing=True)]),
+    Command("set", "change a pool's autoextend, low-water and zero-detection settings "
+            "(mounted or not)", "pools:set_", light=True, args=[POOL, *SET_OPTIONS]),
     Command("extend", "grow the pool's data and/or metadata space", "pools:extend", light=True, args=[
         POOL, Arg("--data-size", metavar="SIZE"), Arg("--metadata-size", metavar="SIZE")]),
 ]

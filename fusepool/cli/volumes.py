@@ -1,21 +1,9 @@
 """Handlers of the volume commands: create, snapshot, remove, resize, list, inspect, map, discard."""
 
-import os
-
 from fusepool.cli import dispatch
 from fusepool.cli.output import emit_json
-from fusepool.errors import PoolError, UsageError
+from fusepool.errors import UsageError
 from fusepool.units import human_size, parse_size
-
-
-def fsync_path(path: str) -> None:
-    # Commands that must see every write made so far (snapshot, discard) flush the
-    # kernel's cache first, as LVM suspends (flushes) an origin before snapshotting it.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create(a) -> None:
@@ -25,10 +13,8 @@ def create(a) -> None:
 
 
 def snapshot(a) -> None:
-    path = dispatch.cached_volume(a.pool, a.origin)
-    if path is not None:
-        fsync_path(path)
-    dev = dispatch.call(a.pool, "snapshot", {"origin": a.origin, "name": a.name})
+    with dispatch.connect(a.pool) as pool:
+        dev = pool.snapshot(a.origin, a.name)
     print(f"created snapshot {dev['name']} of {a.origin} (device id {dev['dev_id']})")
 
 
@@ -44,20 +30,8 @@ def resize(a) -> None:
     if text.startswith("-"):
         raise UsageError("volumes cannot shrink")
     size = parse_size(text.removeprefix("+"))  # "++1M" stays invalid
-    path = dispatch.cached_volume(a.pool, a.name)
-    if path is not None:  # the kernel owns the size of a cached volume: resize through it
-        current = os.stat(path).st_size
-        size = current + size if relative else size
-        if size < current:
-            raise UsageError(f"cannot shrink volume {a.name!r} from {current} to {size} bytes: "
-                             "volumes only grow")
-        try:
-            os.truncate(path, size)
-        except OSError as exc:
-            raise PoolError(f"cannot resize volume {a.name!r} to {size} bytes: {exc.strerror}") from None
-        print(f"volume {a.name} is now {size} bytes ({human_size(size)})")
-        return
-    dev = dispatch.call(a.pool, "resize", {"name": a.name, "size": size, "relative": relative})
+    with dispatch.connect(a.pool) as pool:
+        dev = pool.resize(a.name, size, relative)
     print(f"volume {dev['name']} is now {dev['size']} bytes ({human_size(dev['size'])})")
 
 
@@ -84,15 +58,7 @@ def map_(a) -> None:
 
 
 def discard(a) -> None:
-    path, cached = dispatch.mounted_volume(a.pool, a.name)
-    if cached:
-        fsync_path(path)  # or a cached write would land after the discard
-    res = dispatch.call(a.pool, "discard", {"name": a.name, "offset": parse_size(a.offset),
-                                            "length": parse_size(a.length)})
-    if path is not None:  # pages the kernel still caches would show the old bytes
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    offset, length = parse_size(a.offset), parse_size(a.length)
+    with dispatch.connect(a.pool) as pool:
+        res = pool.discard(a.name, offset, length)
     print(f"unmapped {res['unmapped_blocks']} block(s) of {a.name}")

@@ -307,16 +307,23 @@ def write_names(path: str, names: dict[int, dict]) -> None:
 
 # --- pools <-> IR ------------------------------------------------------------------------------
 
-def dump(pool) -> tuple[MetadataIR, dict[int, dict]]:
-    """The pool's metadata as IR, and the names side file's content."""
+def dump(pool, progress=None) -> tuple[MetadataIR, dict[int, dict]]:
+    """The pool's metadata as IR, and the names side file's content.
+
+    The runs come from one walk (fusepool.engine.walks) that makes a shared
+    subtree's runs once, however many devices reach it; ``progress(done, total)``
+    is told after each device.
+    """
+    from fusepool.engine.walks import device_runs
+
     ir = MetadataIR(pool.store.superblock.uuid, pool.time, pool.transaction_id,
                     0, 2, pool.block_size // SECTOR, pool.nr_blocks)
     names = {}
-    for dev in sorted(pool.devices.values(), key=lambda d: d.dev_id):
-        if dev.deleted:
-            continue
+    devices = [d for d in sorted(pool.devices.values(), key=lambda d: d.dev_id) if not d.deleted]
+    runs = device_runs(pool, devices, progress)
+    for dev in devices:
         ir.devices.append(DeviceIR(dev.dev_id, dev.mapped_blocks, dev.transaction, dev.creation_time,
-                                   dev.snap_time, runs_of(pool.mappings(dev))))
+                                   dev.snap_time, runs[dev.dev_id]))
         names[dev.dev_id] = {"name": dev.name, "size": dev.size}
     _check_thin_limits(ir)
     return ir, names
@@ -402,11 +409,11 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
     from array import array
 
     from fusepool.config import DATA, METADATA, PoolConfig
+    from fusepool.engine import MAX_METADATA_SIZE, min_metadata_pages, validate_name
     from fusepool.metadata.format import FANOUT, PAGE_SIZE, TIME_BITS, Superblock
     from fusepool.metadata.spacemap import DataSpaceMap
     from fusepool.metadata.store import MetadataStore
     from fusepool.metadata.tree import Tree, height_for
-    from fusepool.pool import MAX_METADATA_SIZE, min_metadata_pages, validate_name
 
     bs = ir.block_size
     try:  # a file or a block device: a directory or a FIFO is refused before it is opened

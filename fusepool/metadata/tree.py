@@ -206,3 +206,55 @@ class Tree:
                         dec(entry >> TIME_BITS)
             else:
                 stack.extend(child for child in node.entries if child is not None)
+
+
+class LeafCursor:
+    """A device's mapping entries, looked up in increasing virtual-block order.
+
+    Consecutive blocks share a leaf, so the tree is walked once per FANOUT
+    blocks, not once per block: the loop that read, write, the journal and
+    dump all need, written once.  ``shared`` says whether the current leaf's
+    path is shared with another device (asked for by the write path only).
+    """
+
+    __slots__ = ("root", "index", "leaf", "shared", "_with_sharing")
+
+    def __init__(self, root: Node | None, with_sharing: bool = False):
+        self.root = root
+        self.index = -1
+        self.leaf: Node | None = None
+        self.shared = False
+        self._with_sharing = with_sharing
+
+    def entry(self, vb: int) -> int:
+        """The entry of virtual block ``vb`` (UNMAPPED if none)."""
+        index = vb // FANOUT
+        if index != self.index:
+            self.index = index
+            self.leaf = Tree.leaf(self.root, index)
+            if self._with_sharing:
+                self.shared = self.leaf is not None and Tree.leaf_is_shared(self.root, index)
+        leaf = self.leaf
+        return leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+
+
+class WritableLeafCursor:
+    """Like :class:`LeafCursor`, for changing entries: each leaf reached is made
+    private and dirty (``Tree.writable_leaf``), and ``root`` follows the shadowing."""
+
+    __slots__ = ("tree", "root", "level", "index", "leaf")
+
+    def __init__(self, tree: "Tree", root: Node | None, level: int):
+        self.tree = tree
+        self.root = root
+        self.level = level
+        self.index = -1
+        self.leaf: Node | None = None
+
+    def leaf_for(self, vb: int) -> Node:
+        """The writable leaf holding ``vb`` (its slot is ``vb % FANOUT``)."""
+        index = vb // FANOUT
+        if index != self.index:
+            self.index = index
+            self.root, self.leaf = self.tree.writable_leaf(self.root, self.level, index)
+        return self.leaf

@@ -1,0 +1,287 @@
+"""The data path: read, write and discard of a device's blocks.
+
+A room of :class:`fusepool.engine.Pool`.  A write is plan -> I/O -> apply:
+every block's fate is decided (and data blocks allocated) touching no mapping,
+then the data is written (one pwritev per physically contiguous run), and only
+then do sizes and mappings change, so a failed write leaves no trace.
+"""
+
+import logging
+import time as wallclock
+
+from fusepool.engine.device import (
+    Device,
+)
+from fusepool.errors import (
+    InvalidArgument,
+    MetadataFull,
+    PoolError,
+    PoolFull,
+)
+from fusepool.metadata.format import (
+    FANOUT,
+    MAX_VOLUME_SIZE,
+    TIME_BITS,
+    TIME_MASK,
+    UNMAPPED,
+)
+from fusepool.metadata.tree import LeafCursor, Tree, WritableLeafCursor, height_for
+
+log = logging.getLogger(__name__)
+
+class DataPath:
+    """read/write/discard (a room of Pool)."""
+
+
+    def read(self, dev_id: int, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; unmapped ranges read as zeros."""
+        dev = self.device(dev_id)
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        end = min(offset + length, dev.size)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        zero = memoryview(self.zero_block)
+        cursor = LeafCursor(dev.root)
+        parts: list = []
+        run_pos = run_len = 0  # a pending run of physically contiguous mapped bytes
+        vb = offset // bs
+        pos = offset
+        while pos < end:
+            lo = pos - vb * bs
+            hi = min(end - vb * bs, bs)
+            entry = cursor.entry(vb)
+            if entry == UNMAPPED:
+                if run_len:
+                    parts.append(self.data.read(0, run_pos, run_len))
+                    run_len = 0
+                parts.append(zero[: hi - lo])
+            else:
+                phys = (entry >> TIME_BITS) * bs + lo
+                if run_len and run_pos + run_len == phys:
+                    run_len += hi - lo
+                else:
+                    if run_len:
+                        parts.append(self.data.read(0, run_pos, run_len))
+                    run_pos, run_len = phys, hi - lo
+            pos = (vb + 1) * bs
+            vb += 1
+        if run_len:
+            parts.append(self.data.read(0, run_pos, run_len))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    def write(self, dev_id: int, offset: int, data) -> int:
+        """Write ``data`` at ``offset``; returns the bytes written.
+
+        A write past the end grows the volume (file semantics, so ``cp`` into a
+        new volume works).  When the pool runs out of space part-way, the
+        blocks before the first one that could not be allocated are written
+        and their length is returned; with none written, PoolFull is raised.
+        """
+        dev = self.device(dev_id)
+        self._check_writable()
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        length = len(data)
+        if not length:
+            return 0
+        end = offset + length
+        if end > MAX_VOLUME_SIZE:
+            raise InvalidArgument(f"write beyond the largest volume size ({MAX_VOLUME_SIZE} bytes)")
+        bs = self.block_size
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)  # startswith below needs the object itself
+        zeros = memoryview(self.zero_block)
+        detect = self.config.zero_detection
+        vb = offset // bs
+        if (end <= dev.size and (end - 1) // bs == vb
+                and not (detect and data.startswith(zeros[: min(length, bs)]))):
+            # The common case first: an overwrite inside one block the volume owns
+            # (same tests as the in-place branch below; with zero detection, all-zero
+            # data goes the long way).
+            leaf = Tree.leaf(dev.root, vb // FANOUT)
+            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+            block = entry >> TIME_BITS
+            if (entry != UNMAPPED and self.space.counts[block] == 1
+                    and entry & TIME_MASK >= dev.snap_time
+                    and not Tree.leaf_is_shared(dev.root, vb // FANOUT)):
+                self.data_dirty = True
+                try:
+                    self.data.write_one(block * bs + offset - vb * bs, data)
+                except OSError as exc:
+                    raise self._data_write_error(exc) from None
+                dev.mtime = wallclock.time()
+                return length
+        if offset > dev.size:
+            self._zero_tail(dev)
+        view = memoryview(data)
+        counts = self.space.counts
+        snap_time = dev.snap_time
+        zeroing = not self.config.skip_block_zeroing
+        # Plan: decide every block's fate and allocate, touching no mapping yet.
+        io: list[tuple[int, object]] = []  # (byte position in the data image, buffer)
+        remap: list[tuple[int, int]] = []  # (virtual block, new data block or UNMAPPED)
+        allocated: list[int] = []
+        maybe_zero: list[tuple[int, int]] = []  # exclusive blocks that may now be all zeros
+        leaf_index, leaf, leaf_shared = -1, None, False
+        written = 0
+        vb = offset // bs
+        pos = offset
+        while pos < end:
+            lo = pos - vb * bs
+            hi = min(end - vb * bs, bs)
+            piece = view[pos - offset : pos - offset + hi - lo]
+            if vb // FANOUT != leaf_index:
+                leaf_index = vb // FANOUT
+                leaf = Tree.leaf(dev.root, leaf_index)
+                leaf_shared = leaf is not None and Tree.leaf_is_shared(dev.root, leaf_index)
+            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+            block = entry >> TIME_BITS
+            whole = hi - lo == bs
+            # In place, no copy: a memoryview compared with bytes goes byte by byte.
+            # Without zero detection zeros are data (dm-thin provisions them too).
+            zero = detect and not piece[0] and data.startswith(zeros[: hi - lo], pos - offset)
+            if entry == UNMAPPED:
+                if zero:  # unmapped blocks read as zeros already: nothing to store
+                    written += hi - lo
+                    pos = (vb + 1) * bs
+                    vb += 1
+                    continue
+                buf = piece if whole else None
+            elif zero and whole:
+                if not remap and not allocated:
+                    self._ensure_metadata_room()
+                remap.append((vb, UNMAPPED))
+                buf = False
+            elif (not leaf_shared and counts[block] == 1 and entry & TIME_MASK >= snap_time):
+                # Exclusive: overwrite in place.  dm-thin's time rule (mapped before the
+                # last snapshot => shared) also covers sharing that only the last *commit*
+                # still has, so a crash can never show this write in a snapshot.
+                io.append((block * bs + lo, piece))
+                if zero and hi == bs:  # zeros ending a block: it may be all zeros now
+                    maybe_zero.append((vb, block))
+                buf = False
+            elif whole:  # shared, and all of it rewritten: nothing to copy
+                buf = piece
+            else:  # shared: copy the block, unless the copy would be all zeros
+                try:
+                    buf = bytearray(self.data.read(block, 0, bs))
+                except PoolError:  # a read error (EIO): this write fails, nothing changed
+                    self._undo_allocations(allocated)
+                    raise
+                buf[lo:hi] = piece
+                if zero and buf == self.zero_block:
+                    if not remap and not allocated:
+                        self._ensure_metadata_room()
+                    remap.append((vb, UNMAPPED))
+                    buf = False
+            if buf is not False:
+                try:
+                    if not remap and not allocated:
+                        self._ensure_metadata_room()
+                    new = self.space.allocate() if self.space.free else self._allocate_grown()
+                except (PoolFull, MetadataFull):
+                    if not written:
+                        self._undo_allocations(allocated)
+                        raise
+                    break
+                allocated.append(new)
+                if buf is not None:
+                    io.append((new * bs, buf))
+                elif zeroing and not self.data.is_hole(new):
+                    buf = bytearray(bs)
+                    buf[lo:hi] = piece
+                    io.append((new * bs, buf))
+                else:  # a hole (never written, or punched) reads as zeros; or skip_block_zeroing
+                    io.append((new * bs + lo, piece))
+                remap.append((vb, new))
+            written += hi - lo
+            pos = (vb + 1) * bs
+            vb += 1
+        # I/O: one pwritev per physically contiguous run.
+        try:
+            self.data_dirty = True
+            self._write_runs(io)
+            for vb, block in maybe_zero:  # (the kernel splits zero writes at page boundaries)
+                if self.data.read(block, 0, bs) == self.zero_block:
+                    remap.append((vb, UNMAPPED))
+        except OSError as exc:
+            self._undo_allocations(allocated)
+            raise self._data_write_error(exc) from None
+        except PoolError:  # a read failed (DataReadError): nothing remapped
+            self._undo_allocations(allocated)
+            raise
+        # Apply: only now do size and mappings change (no I/O can fail after this point).
+        if offset + written > dev.size:
+            self._grow_device(dev, offset + written)
+        if remap:
+            self._remap(dev, remap)
+        dev.mtime = wallclock.time()
+        if self.space.free < self.space_watch:  # the one space check per write: see _space_low
+            self._space_low()
+        return written
+
+    def _undo_allocations(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.space.unallocate(block)
+
+    def _write_runs(self, io: list) -> None:
+        i, n = 0, len(io)
+        while i < n:
+            start, first = io[i]
+            buffers = [first]
+            next_pos = start + len(first)
+            i += 1
+            while i < n and io[i][0] == next_pos:
+                buffers.append(io[i][1])
+                next_pos += len(io[i][1])
+                i += 1
+            self.data.write(start, buffers)
+
+    def _remap(self, dev: Device, changes: list[tuple[int, int]]) -> None:
+        """Point virtual blocks at new data blocks (or UNMAPPED); adjust counts."""
+        cursor = WritableLeafCursor(self.tree, dev.root, height_for(self._blocks_for(dev.size)))
+        stamp = self.time & TIME_MASK
+        unsynced = self.unsynced.setdefault(dev.dev_id, set())
+        for vb, new in changes:
+            unsynced.add(vb)
+            leaf = cursor.leaf_for(vb)
+            dev.root = cursor.root
+            slot = vb % FANOUT
+            old = leaf.entries[slot]
+            if new == UNMAPPED:
+                leaf.entries[slot] = UNMAPPED
+            else:
+                leaf.entries[slot] = (new << TIME_BITS) | stamp
+            if old != UNMAPPED:
+                self.space.dec(old >> TIME_BITS)
+                dev.mapped_blocks -= 1
+            if new != UNMAPPED:
+                dev.mapped_blocks += 1
+        self.dirty = True
+
+    def discard(self, dev_id: int, offset: int, length: int) -> int:
+        """Unmap the whole blocks inside the range (rounded inward, as dm-thin)."""
+        dev = self.device(dev_id)
+        self._check_writable()
+        if offset < 0 or length < 0 or offset + length > dev.size:
+            raise InvalidArgument(f"discard range {offset}+{length} is outside the volume "
+                                  f"({dev.size} bytes)")
+        bs = self.block_size
+        first = (offset + bs - 1) // bs
+        last = (offset + length) // bs  # exclusive
+        self._ensure_metadata_room()
+        changes = []
+        for leaf_index in range(first // FANOUT, (last + FANOUT - 1) // FANOUT):
+            leaf = Tree.leaf(dev.root, leaf_index)
+            if leaf is None:
+                continue
+            base = leaf_index * FANOUT
+            for slot in range(max(first - base, 0), min(last - base, FANOUT)):
+                if leaf.entries[slot] != UNMAPPED:
+                    changes.append((base + slot, UNMAPPED))
+        if changes:
+            self._remap(dev, changes)
+        return len(changes)
+
