@@ -292,6 +292,34 @@ def test_contract_unknown_option(command, option, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def exclusive_cases() -> list:
+    """``(command, two options of one mutually exclusive group)`` for every group of the table."""
+    cases = []
+    for command in TABLE:
+        groups: dict[str, list] = {}
+        for arg in command.args:
+            if arg.exclusive:
+                groups.setdefault(arg.exclusive, []).append(arg)
+        for name, args in groups.items():
+            assert len(args) > 1, f"{command.name}: group {name!r} has one option"
+            for i, first in enumerate(args):
+                for second in args[i + 1:]:
+                    cases.append(pytest.param(command, first, second,
+                                              id=f"{command.name}-{first.dest}-{second.dest}"))
+    return cases
+
+
+@pytest.mark.parametrize("command,first,second", exclusive_cases())
+def test_contract_exclusive_options(command, first, second, tmp_path):
+    positionals, options = required_args(command)
+    given = ["x"] * len(positionals) + [w for _, words in options for w in words]
+    words = [[arg.flags[-1]] + ([] if arg.options.get("action") == "store_true" else ["1"])
+             for arg in (first, second)]
+    assert_error(fp(command.name, *given, *words[0], *words[1], cwd=tmp_path), 2,
+                 "not allowed with")
+    assert os.listdir(tmp_path) == []
+
+
 def test_only_pool_given(pool):
     before = file_state(pool)
     checks = Checks()
@@ -685,6 +713,20 @@ def test_list_json(env):
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"s", "v"}
     assert rows["s"][-1] == "v" and rows["v"][-1] == "-"
+
+
+def test_repair_refuses_a_mounted_pool(pool, make_mount):
+    """repair rewrites the metadata under the daemon's feet: refused while mounted."""
+    m = make_mount(pool)
+    run_fusepool("create", pool, "v", "--size", "1M")
+    with open(m.vol("v"), "r+b") as f:
+        f.write(b"kept")
+        os.fsync(f.fileno())
+    assert_error(fp("repair", pool), 1, f"mounted at {re.escape(str(m.mountpoint))}.*unmount it")
+    assert is_mounted(m.mountpoint)
+    with open(m.vol("v"), "rb") as f:
+        assert f.read(4) == b"kept"
+    assert [v["name"] for v in fusepool_json("list", pool)] == ["v"]
 
 
 def test_list_json_empty_pool(pool):
