@@ -31,6 +31,8 @@ def require_pool(pool_dir: str):
 
 
 def daemon_status(pool_dir: str) -> dict | None:
+    """The daemon's status, or None if none answers within 5 s (``mount``'s "already
+    mounted" check; commands use :func:`call` or :func:`connect`)."""
     try:
         return control.request(pool_dir, "status", timeout=5)
     except (OSError, PoolError):
