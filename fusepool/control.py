@@ -48,7 +48,7 @@ READ_ONLY_OPS = {"status", "list", "info", "inspect", "map", "thin_ls", "delta",
                  "reserve_metadata_snap"}
 # Commands that walk every mapping: online, the client runs them on a commit the daemon
 # holds for it (fusepool.reporting), never in the daemon (`info` is cheap and stays there).
-SNAPSHOT_OPS = frozenset({"list", "thin_ls", "map", "delta", "dump", "inspect"})
+SNAPSHOT_OPS = frozenset({"list", "thin_ls", "map", "delta", "dump", "inspect", "check"})
 
 
 class socket_path:

@@ -4,6 +4,10 @@ A process must never touch a mount it serves itself (it would deadlock), so
 every mount here is a separate daemon started with ``fusepool mount``.  Each
 mount fixture unmounts in teardown even when the test failed: first the clean
 way (``fusepool umount``), then SIGKILL and a lazy unmount.
+
+Every pool these fixtures make or mount gets an offline ``check`` at teardown,
+after its mounts are gone: a test whose pool is not clean fails, unless it is
+marked ``@pytest.mark.damages_pool("why")`` because it damages the pool on purpose.
 """
 
 import contextlib
@@ -137,12 +141,47 @@ class Mount:
             lazy_unmount(self.mountpoint)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "damages_pool(reason): the test damages its pool on "
+                            "purpose, so the pool is not checked at teardown")
+
+
 @pytest.fixture
-def make_pool(tmp_path):
+def checked_pools(request):
+    """Pools to check at teardown (``make_pool`` and ``make_mount`` add theirs).
+
+    Both fixtures depend on this one, so it is torn down after every mount of
+    the test is gone.  The check is ``fusepool check``'s offline path, in process.
+    """
+    pools: list[Path] = []
+    yield pools
+    marker = request.node.get_closest_marker("damages_pool")
+    if marker is not None:
+        assert marker.args and marker.args[0], "damages_pool needs a reason"
+        return
+    from fusepool.check import check_offline
+
+    failures = []
+    for pool in dict.fromkeys(Path(p) for p in pools):
+        if not (pool / "pool.json").exists():
+            continue  # the test removed its pool (or never made one)
+        report = check_offline(str(pool)).to_json()
+        if not report["ok"]:
+            failures.append(f"{pool}: " + "; ".join(f"{p['kind']}: {p['message']}"
+                                                     for p in report["problems"]))
+    if failures:
+        pytest.fail("fusepool check at teardown found problems (mark the test "
+                    "damages_pool(reason) if that is its purpose):\n" + "\n".join(failures),
+                    pytrace=False)
+
+
+@pytest.fixture
+def make_pool(tmp_path, checked_pools):
     """``make_pool(name='pool', *init_args)`` -> an initialised pool directory."""
 
     def make(name="pool", *args):
         pool = tmp_path / name
+        checked_pools.append(pool)
         run_fusepool("init", pool, *(args or SMALL_POOL))
         return pool
 
@@ -155,13 +194,14 @@ def pool(make_pool):
 
 
 @pytest.fixture
-def make_mount(tmp_path):
+def make_mount(tmp_path, checked_pools):
     """``make_mount(pool, *mount_args)`` -> a mounted :class:`Mount`; unmounted at teardown."""
     mounts = []
 
     def make(pool_dir, *extra, name=None):
         mnt = tmp_path / (name or f"mnt{len(mounts)}")
         mnt.mkdir(exist_ok=True)
+        checked_pools.append(pool_dir)
         m = Mount(pool_dir, mnt, *extra)
         mounts.append(m)
         return m.mount()

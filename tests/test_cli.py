@@ -26,6 +26,7 @@ import pytest
 from conftest import SMALL_POOL, fusepool_json, is_mounted, run_fusepool
 
 import fusepool
+from fusepool.cli.table import COMMANDS as TABLE
 from fusepool.engine import Pool
 
 K, M, G, T = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -47,7 +48,8 @@ def parser_subcommands() -> list[str]:
     return []
 
 
-ALL_SUBCOMMANDS = SUBCOMMANDS + [c for c in parser_subcommands() if c not in SUBCOMMANDS]
+# Every command of the CLI's table: the contract tests below cover a new one automatically.
+ALL_SUBCOMMANDS = SUBCOMMANDS + [c.name for c in TABLE if c.name not in SUBCOMMANDS]
 
 # A valid form of every command that takes POOL first: the arguments after POOL.
 POOL_COMMANDS = {
@@ -201,6 +203,14 @@ def test_top_level_help():
 
 def test_contract_commands_exist():
     assert set(SUBCOMMANDS) <= set(parser_subcommands())
+    assert parser_subcommands() == [c.name for c in TABLE]  # the parser is the table
+
+
+@pytest.mark.parametrize("cmd", ALL_SUBCOMMANDS)
+def test_handler_exists(cmd):
+    from fusepool.cli.parser import Handler
+
+    assert callable(Handler(next(c for c in TABLE if c.name == cmd)).resolve())
 
 
 @pytest.mark.parametrize("cmd", ALL_SUBCOMMANDS)
@@ -225,6 +235,88 @@ def test_unknown_command_is_a_usage_error():
 @pytest.mark.parametrize("cmd", ALL_SUBCOMMANDS)
 def test_missing_arguments(cmd, tmp_path):
     assert_error(fp(cmd, cwd=tmp_path), 2, "required")
+    assert os.listdir(tmp_path) == []
+
+
+# --- the CLI contract, for every command of the table (as thin-provisioning-tools' tests/common) ---
+
+def required_args(command) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """``(positional names, [(option name, its words)])`` of the command's required
+    arguments, as argparse names them; values are placeholders (argparse refuses first)."""
+    positionals = [a.options.get("metavar", a.dest) for a in command.args if a.positional]
+    options = [("/".join(a.flags), [a.flags[-1], "x"]) for a in command.args
+               if not a.positional and a.options.get("required")]
+    return positionals, options
+
+
+def missing_argument_cases(command) -> list[tuple[str, list[str]]]:
+    """``(the argument left out, the command line without it)``: positionals from the
+    end (argparse fills them in order), required options one by one."""
+    positionals, options = required_args(command)
+    option_words = [w for _, words in options for w in words]
+    cases = [(name, ["x"] * k + option_words) for k, name in enumerate(positionals)]
+    for i, (name, _) in enumerate(options):
+        others = [w for j, (_, words) in enumerate(options) if j != i for w in words]
+        cases.append((name, ["x"] * len(positionals) + others))
+    return cases
+
+
+def contract_cases() -> list:
+    return [pytest.param(command, id=command.name) for command in TABLE]
+
+
+@pytest.mark.parametrize("command", contract_cases())
+def test_contract_help(command):
+    proc = assert_ok(fp(command.name, "--help"))
+    assert proc.stdout.startswith(f"usage: fusepool {command.name}"), proc.stdout
+    assert " ".join(command.help.split()) in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("command", contract_cases())
+def test_contract_each_required_argument_missing(command, tmp_path):
+    cases = missing_argument_cases(command)
+    assert cases, f"{command.name} takes no required argument: give it a contract case"
+    for name, given in cases:
+        line = assert_error(fp(command.name, *given, cwd=tmp_path), 2, "required")
+        assert name in line.split("required:")[1], line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("option", ["--no-such-option", "--no-such-option=1", "-Z"])
+@pytest.mark.parametrize("command", contract_cases())
+def test_contract_unknown_option(command, option, tmp_path):
+    positionals, options = required_args(command)
+    given = ["x"] * len(positionals) + [w for _, words in options for w in words]
+    assert_error(fp(command.name, *given, option, cwd=tmp_path), 2, "unrecognized")
+    assert_error(fp(command.name, option, *given, cwd=tmp_path), 2, "unrecognized")
+    assert os.listdir(tmp_path) == []
+
+
+def exclusive_cases() -> list:
+    """``(command, two options of one mutually exclusive group)`` for every group of the table."""
+    cases = []
+    for command in TABLE:
+        groups: dict[str, list] = {}
+        for arg in command.args:
+            if arg.exclusive:
+                groups.setdefault(arg.exclusive, []).append(arg)
+        for name, args in groups.items():
+            assert len(args) > 1, f"{command.name}: group {name!r} has one option"
+            for i, first in enumerate(args):
+                for second in args[i + 1:]:
+                    cases.append(pytest.param(command, first, second,
+                                              id=f"{command.name}-{first.dest}-{second.dest}"))
+    return cases
+
+
+@pytest.mark.parametrize("command,first,second", exclusive_cases())
+def test_contract_exclusive_options(command, first, second, tmp_path):
+    positionals, options = required_args(command)
+    given = ["x"] * len(positionals) + [w for _, words in options for w in words]
+    words = [[arg.flags[-1]] + ([] if arg.options.get("action") == "store_true" else ["1"])
+             for arg in (first, second)]
+    assert_error(fp(command.name, *given, *words[0], *words[1], cwd=tmp_path), 2,
+                 "not allowed with")
     assert os.listdir(tmp_path) == []
 
 
@@ -621,6 +713,20 @@ def test_list_json(env):
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"s", "v"}
     assert rows["s"][-1] == "v" and rows["v"][-1] == "-"
+
+
+def test_repair_refuses_a_mounted_pool(pool, make_mount):
+    """repair rewrites the metadata under the daemon's feet: refused while mounted."""
+    m = make_mount(pool)
+    run_fusepool("create", pool, "v", "--size", "1M")
+    with open(m.vol("v"), "r+b") as f:
+        f.write(b"kept")
+        os.fsync(f.fileno())
+    assert_error(fp("repair", pool), 1, f"mounted at {re.escape(str(m.mountpoint))}.*unmount it")
+    assert is_mounted(m.mountpoint)
+    with open(m.vol("v"), "rb") as f:
+        assert f.read(4) == b"kept"
+    assert [v["name"] for v in fusepool_json("list", pool)] == ["v"]
 
 
 def test_list_json_empty_pool(pool):

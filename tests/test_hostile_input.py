@@ -499,6 +499,7 @@ BAD_CONFIG = {  # field -> bad values
 BAD_CONFIG_CASES = [(k, v) for k, vs in BAD_CONFIG.items() for v in vs]
 
 
+@pytest.mark.damages_pool("a hand-edited pool.json that no command, check included, accepts")
 @pytest.mark.parametrize("field,value", BAD_CONFIG_CASES,
                          ids=[f"{k}={v!r}" for k, v in BAD_CONFIG_CASES])
 def test_hand_edited_pool_json_is_refused_by_every_command(pool, field, value):
@@ -512,6 +513,7 @@ def test_hand_edited_pool_json_is_refused_by_every_command(pool, field, value):
     assert state(pool) == before
 
 
+@pytest.mark.damages_pool("a hand-edited pool.json that no command, check included, accepts")
 @pytest.mark.parametrize("edit", ["missing-uuid", "missing-block-size", "not-an-object", "not-json",
                                   "deep", "empty"])
 def test_pool_json_that_is_not_a_config(pool, edit):
@@ -547,6 +549,7 @@ def test_pool_json_uuid_must_match_the_metadata(pool):
     assert state(pool) == before
 
 
+@pytest.mark.damages_pool("a hand-edited pool.json that no command, check included, accepts")
 def test_pool_json_unknown_keys_are_refused(pool):
     config = json.loads((pool / "pool.json").read_text())
     config["colour"] = "red"
