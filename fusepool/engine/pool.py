@@ -76,7 +76,6 @@ from fusepool.metadata.format import (
     PAGE_SIZE,
     TIME_BITS,
     UNMAPPED,
-    Superblock,
 )
 from fusepool.metadata.journal import Journal
 from fusepool.metadata.spacemap import DataSpaceMap
@@ -168,9 +167,9 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
                 DirectDataStore.create_preallocated(os.path.join(path, DATA), nr_blocks * block_size)
             elif not data_device:
                 DataStore.create(os.path.join(path, DATA), nr_blocks * block_size)
-            sb = Superblock(uuid, 0, 0, block_size, nr_blocks, nr_pages,
-                            root_len=0, root_checksum=0, root_pages=[])
-            MetadataStore.create(os.path.join(path, METADATA), sb, nr_blocks)
+            MetadataStore.write_new(os.path.join(path, METADATA), uuid=uuid, transaction_id=1, time=0,
+                                    block_size=block_size, nr_data_blocks=nr_blocks,
+                                    nr_meta_pages=nr_pages)
             Journal.create(os.path.join(path, JOURNAL))
             PoolConfig(uuid, block_size, base_size, min_free_space, skip_block_zeroing,
                        no_space_timeout, mode, data_device=data_device, preallocated=preallocate,
