@@ -7,10 +7,13 @@ loader stops at the first bad page); each invariant of the durable format
 block, a broken time model) and *leaks* when space is merely unaccounted for —
 thin-provisioning-tools' distinction.  Either makes ``check`` exit 1.
 
-``repair`` picks the newest commit whose pages all verify (falling back to the
-one before when the latest is damaged), or salvages what can be read from the
-newest one, recomputes reference counts and mapped-block counts, and writes
-the result as a fresh metadata file; the old one is kept as
+``repair`` is thin_repair's shape: a tolerant read, then restore.  It picks
+the newest commit whose pages all verify (falling back to the one before when
+the latest is damaged), or salvages what can be read from the newest one; it
+turns that into device records and mapping trees (shared subtrees stay
+shared), applies the journal, restores the time model, and writes them with
+``MetadataStore.write_new`` as restore does (reference and mapped-block counts
+recomputed from the trees there).  The old file is kept as
 ``metadata.damaged``.
 """
 
@@ -479,41 +482,20 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
     config, fd = _open_checked(pool_dir)
     said: list[str] = []
     try:
-        candidates = sorted(((sb.transaction_id, slot) for slot, sb in read_superblocks(fd)
-                             if isinstance(sb, Superblock)), reverse=True)
-        if not candidates:
-            raise Corrupt("no valid superblock: nothing to rebuild from")
-        chosen = None
-        for txn, slot in candidates:
-            checker = Checker(fd, config.block_size, slot, progress)
-            report = checker.run()
-            structural = [p for p in report.problems if p.kind in ("checksum", "superblock", "root", "node")]
-            if not structural and checker.state is not None:
-                chosen = checker
-                if txn != candidates[0][0]:
-                    said.append(f"the newest commit (transaction {candidates[0][0]}) is damaged; "
-                                f"rebuilt from transaction {txn}")
-                break
-        if chosen is None:
-            # Salvage: the newest commit with a readable root record, minus its damaged subtrees.
-            for txn, slot in candidates:
-                checker = Checker(fd, config.block_size, slot, progress)
-                checker.run()
-                if checker.state is not None:
-                    chosen = checker
-                    said.append(f"both commits are damaged; salvaging transaction {txn}")
-                    break
-            if chosen is None:
-                raise Corrupt("no commit has a readable device table: nothing to rebuild from")
+        # 1. The tolerant read: the best commit, as far as it can be read.
+        chosen, newest = _best_commit(fd, config.block_size, progress, said)
         fixed = [p.message for p in chosen.report.problems]
+        # 2. What it read as device records and trees (restore's input too), made whole:
+        # the journal's records applied, the time model reset, every mapping inside its device.
         state, roots = _rebuild(chosen, said)
         sb = chosen.sb
-        newest = candidates[0][0]
         _replay_journal(pool_dir, chosen, state, roots, newest, said)
         pool_time = _repair_times(state, roots, sb.time, said)
         _cover_mappings(state, roots, sb.block_size, said)
         if sb.uuid != config.uuid:  # pool.json is the pool's identity (the journal is keyed by it)
             said.append(f"the metadata's uuid {sb.uuid} differed from pool.json's: set to {config.uuid}")
+        # 3. Written as restore writes a pool (reference and mapped counts from the trees),
+        # then swapped in.
         new_path = os.path.join(pool_dir, METADATA + ".repair")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(new_path)
@@ -545,6 +527,37 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         return said
     finally:
         os.close(fd)
+
+
+def _best_commit(fd: int, block_size: int, progress: Progress | None,
+                 said: list[str]) -> tuple[Checker, int]:
+    """The checker of the commit to rebuild from, and the newest commit's transaction id.
+
+    The newest commit whose structure reads whole, else the newest whose
+    device table reads (salvaged: its unreadable subtrees are dropped).
+    """
+    candidates = sorted(((sb.transaction_id, slot) for slot, sb in read_superblocks(fd)
+                         if isinstance(sb, Superblock)), reverse=True)
+    if not candidates:
+        raise Corrupt("no valid superblock: nothing to rebuild from")
+    newest = candidates[0][0]
+    for txn, slot in candidates:
+        checker = Checker(fd, block_size, slot, progress)
+        report = checker.run()
+        structural = [p for p in report.problems if p.kind in ("checksum", "superblock", "root", "node")]
+        if not structural and checker.state is not None:
+            if txn != newest:
+                said.append(f"the newest commit (transaction {newest}) is damaged; "
+                            f"rebuilt from transaction {txn}")
+            return checker, newest
+    # Salvage: the newest commit with a readable root record, minus its damaged subtrees.
+    for txn, slot in candidates:
+        checker = Checker(fd, block_size, slot, progress)
+        checker.run()
+        if checker.state is not None:
+            said.append(f"both commits are damaged; salvaging transaction {txn}")
+            return checker, newest
+    raise Corrupt("no commit has a readable device table: nothing to rebuild from")
 
 
 def _replay_journal(pool_dir: str, checker: Checker, state: dict, roots: dict, newest_txn: int,
