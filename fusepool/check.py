@@ -101,10 +101,11 @@ class Checker:
     """Verify one commit of a metadata file, collecting every problem."""
 
     def __init__(self, fd: int, block_size: int, slot: int | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, superblock: Superblock | None = None):
         self.fd = fd
         self.block_size = block_size
         self.want_slot = slot
+        self.given_sb = superblock  # a held commit's (its slot may be rewritten meanwhile)
         self.progress = progress
         self.report = Report()
         self.nodes: dict[int, _NodeInfo] = {}
@@ -140,7 +141,9 @@ class Checker:
     def check_superblocks(self) -> bool:
         """At least one slot verifies; the newest valid one (or the one asked for) is used."""
         valid = []
-        for slot, sb in read_superblocks(self.fd):
+        found = read_superblocks(self.fd) if self.given_sb is None else \
+            [(self.given_sb.transaction_id % 2, self.given_sb)]
+        for slot, sb in found:
             if isinstance(sb, Superblock):
                 valid.append((sb.transaction_id, slot, sb))
             elif self.want_slot is None and any(os.pread(self.fd, PAGE_SIZE, slot * PAGE_SIZE)):
@@ -383,11 +386,14 @@ def _open_checked(pool_dir: str) -> tuple[PoolConfig, int]:
     return config, fd
 
 
-def check_pool(pool_dir: str, progress: Progress | None = None, slot: int | None = None) -> Report:
-    """Check the pool at ``pool_dir``; the caller holds its lock (or the daemon does)."""
+def check_pool(pool_dir: str, progress: Progress | None = None, slot: int | None = None,
+               superblock: Superblock | None = None) -> Report:
+    """Check the pool at ``pool_dir``; the caller holds its lock, or the daemon holds the
+    commit of ``superblock`` (see fusepool.engine.view).  The journal is checked on top
+    of the newest commit, or of the held one."""
     config, fd = _open_checked(pool_dir)
     try:
-        checker = Checker(fd, config.block_size, slot, progress)
+        checker = Checker(fd, config.block_size, slot, progress, superblock)
         report = checker.run()
         if checker.state is not None and slot is None:
             check_journal(checker, os.path.join(pool_dir, JOURNAL))

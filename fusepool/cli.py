@@ -40,6 +40,10 @@ def pool_call(pool_dir: str, op: str, args: dict | None = None, output=None):
     pool_dir = os.path.abspath(pool_dir)
     require_pool(pool_dir)
     try:
+        if op in control.SNAPSHOT_OPS:  # walked here, on a commit the daemon holds
+            from fusepool.reporting import run_on_snapshot
+
+            return run_on_snapshot(pool_dir, op, args or {}, output=output)
         return control.request(pool_dir, op, args or {}, output=output)
     except (FileNotFoundError, ConnectionRefusedError):
         pass  # no daemon: open the pool ourselves
@@ -459,7 +463,11 @@ def cmd_check(a) -> int:
     pool_dir = os.path.abspath(a.pool)
     require_pool(pool_dir)
     try:
-        report = control.request(pool_dir, "check")
+        from fusepool.reporting import check_on_snapshot
+
+        report = check_on_snapshot(pool_dir, progress_bar("checking"))
+        if not isinstance(report, dict):
+            report = report.to_json()
     except (FileNotFoundError, ConnectionRefusedError):
         report = check_offline(pool_dir, progress_bar("checking")).to_json()
         if sys.stderr.isatty():

@@ -21,6 +21,10 @@ A streamed reply (``dump``) follows the reply line as chunks, each a line with
 its length in bytes then the bytes, ended by a ``0`` line; a stream cut short
 (the daemon died) is therefore detected, never taken as complete.
 
+A held reply (``reserve_metadata_snap``) keeps something reserved in the
+daemon for as long as the client keeps the connection open; closing it, or
+dying, releases it (:func:`held`).
+
 The client uses blocking sockets and imports no trio, so CLI commands start
 fast.  The daemon side is :mod:`fusepool.control_server`.
 """
@@ -40,7 +44,11 @@ MAX_REQUEST = 1 << 20
 MAX_REPLY = 256 << 20
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths go through /proc
 # Commands that change nothing: a reply that comes too late is a plain failure.
-READ_ONLY_OPS = {"status", "list", "info", "inspect", "map", "thin_ls", "delta", "dump", "check"}
+READ_ONLY_OPS = {"status", "list", "info", "inspect", "map", "thin_ls", "delta", "dump", "check",
+                 "reserve_metadata_snap"}
+# Commands that walk every mapping: online, the client runs them on a commit the daemon
+# holds for it (fusepool.reporting), never in the daemon (`info` is cheap and stays there).
+SNAPSHOT_OPS = frozenset({"list", "thin_ls", "map", "delta", "dump", "inspect"})
 
 
 class socket_path:
@@ -74,6 +82,17 @@ class Streamed:
     def __init__(self, result, chunks):
         self.result = result
         self.chunks = chunks
+
+
+class Held:
+    """A command result whose reservation lasts until the client closes the connection.
+
+    ``release()`` is called by the daemon then (or when it stops).
+    """
+
+    def __init__(self, result, release):
+        self.result = result
+        self.release = release
 
 
 def error_reply(exc: Exception) -> dict:
@@ -156,6 +175,19 @@ def request(pool_dir: str, op: str, args: dict | None = None, timeout: float = 1
     but did not answer in time.  A streamed reply is written to ``output``
     (a binary file object).
     """
+    with _exchange(pool_dir, op, args, timeout, output) as result:
+        return result
+
+
+@contextlib.contextmanager
+def held(pool_dir: str, op: str, args: dict | None = None, timeout: float = 120.0):
+    """``with held(...) as result``: a request whose reservation lasts for the block."""
+    with _exchange(pool_dir, op, args, timeout, None) as result:
+        yield result
+
+
+@contextlib.contextmanager
+def _exchange(pool_dir: str, op: str, args: dict | None, timeout: float, output):
     deadline = time.monotonic() + timeout
     message = json.dumps({"op": op, "args": args or {}}).encode() + b"\n"
     who = f"the mount daemon of {pool_dir}"
@@ -185,7 +217,6 @@ def request(pool_dir: str, op: str, args: dict | None = None, timeout: float = 1
             result = raise_reply(reply)
             if reply.get("stream"):
                 _receive_stream(conn, output, who, op)
-            return result
         except TimeoutError:
             if not started:
                 raise errors.DaemonTimeout(
@@ -202,6 +233,7 @@ def request(pool_dir: str, op: str, args: dict | None = None, timeout: float = 1
             raise errors.PoolError(f"{who} closed the connection without answering") from None
         except ValueError:
             raise errors.PoolError(f"{who} sent a malformed reply") from None
+        yield result
 
 
 def _connect(sock: socket.socket, path: str, deadline: float, late: str) -> None:

@@ -17,7 +17,7 @@ import struct
 
 import trio
 
-from fusepool.control import MAX_REQUEST, Streamed, error_reply, socket_path
+from fusepool.control import MAX_REQUEST, Held, Streamed, error_reply, socket_path
 from fusepool.errors import PermissionDenied, PoolError, UsageError
 from fusepool.layout import SOCKET
 
@@ -27,6 +27,9 @@ REQUEST_TIMEOUT = 30.0  # for the client to send its request, and to say "go"
 SEND_TIMEOUT = 60.0  # per reply line or chunk: a client that stops reading is dropped
 MAX_CONNECTIONS = 64  # more at once are refused (each costs a task and its buffers)
 CHUNK = 1 << 20  # streamed output is sent in pieces of about this size
+# A reservation (Held) lasts while its client keeps the connection open, but not for
+# ever: held metadata pages cannot be reused, so a stuck reader must not fill the metadata.
+HOLD_TIMEOUT = 3600.0
 
 
 class _RequestTooLarge(Exception):
@@ -164,11 +167,13 @@ class ControlServer:
         if go != b"go":
             log.info("control client gave up before `%s` started: not carried out", op)
             return
-        streamed = None
+        streamed = held = None
         try:
             result = await self.dispatch(op, args)
             if isinstance(result, Streamed):
                 streamed, result = result, result.result
+            elif isinstance(result, Held):
+                held, result = result, result.result
             reply = {"ok": True, "result": result, "stream": streamed is not None}
         except PoolError as exc:
             reply = error_reply(exc)
@@ -177,9 +182,24 @@ class ControlServer:
         except Exception as exc:
             log.exception("control request %s failed", op)
             reply = error_reply(exc)
+        if held is not None:
+            try:
+                if await self._reply(stream, reply):
+                    await self._wait_closed(reader, op)
+            finally:
+                held.release()
+            return
         if not await self._reply(stream, reply) or streamed is None:
             return
         await self._send_stream(stream, streamed.chunks)
+
+    async def _wait_closed(self, reader: _Reader, op: str) -> None:
+        """Until the client closes the connection (or dies), or HOLD_TIMEOUT passes."""
+        with trio.move_on_after(HOLD_TIMEOUT) as scope:
+            while await reader.stream.receive_some(4096):
+                pass  # (nothing more is expected; whatever comes is ignored)
+        if scope.cancelled_caught:
+            log.warning("control client held `%s` for %g s: released", op, HOLD_TIMEOUT)
 
     async def _send_stream(self, stream: trio.SocketStream, chunks) -> None:
         pending: list[bytes] = []

@@ -310,6 +310,25 @@ class FusepoolOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self.pool.run_sync, job)
             self.pool.finish_sync(job)
 
+    async def commit(self) -> None:
+        """A commit whose fdatasyncs and metadata writes run in a worker thread.
+
+        Requests go on meanwhile; their changes belong to the next commit (see
+        Pool.prepare_commit).  A commit that could meet a full host filesystem
+        (pages without reserved host space) runs here instead, where a failure
+        can still be undone and the pool stay writable.
+        """
+        async with self.flush_lock:
+            job = self.pool.prepare_commit()
+            if job is None:
+                return
+            if self.pool.store.write_is_reserved(job.write):
+                await trio.to_thread.run_sync(self.pool.run_commit, job)
+                self.pool.finish_commit(job)
+            else:
+                self.pool.run_commit(job)
+                self.pool.finish_commit(job, undo=True)
+
     async def flush(self, fh):
         pass  # sent at every close(): no commit needed (DESIGN.md)
 

@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from fusepool import commands
+from fusepool.control import Held
 from fusepool.control_server import ControlServer
 from fusepool.engine import Pool
 from fusepool.engine.space import run_hook
@@ -137,11 +138,7 @@ class Daemon:
             await trio.sleep(self.commit_period)
             if self.pool.dirty and self.pool.failed is None:
                 try:
-                    async with self.ops.flush_lock:
-                        # The data flush in a worker thread first: the commit's own, on the
-                        # event loop, then finds little left to write back.
-                        await self.ops.run_flush_job(self.pool.prepare_data_flush())
-                        self.pool.commit()
+                    await self.ops.commit()
                 except PoolError as exc:
                     log.error("periodic commit failed: %s", exc)
 
@@ -180,6 +177,8 @@ class Daemon:
                                         "anyway and loses what is not committed)") from None
             pyfuse3.terminate()
             return {"pid": os.getpid()}
+        if op == "reserve_metadata_snap":
+            return await self._reserve_metadata_snap()
         if op == "check":
             from fusepool.check import check_pool
 
@@ -190,6 +189,22 @@ class Daemon:
         # and a kernel invalidation blocks in the kernel while a request is pending; a
         # daemon killed in that window could not exit (seen in the kill tests).
         return commands.run(self.pool, op, args)
+
+
+    async def _reserve_metadata_snap(self):
+        """Commit and hold that commit for a reader (see fusepool.engine.view).
+
+        A failed pool's memory may be ahead of its last commit, and is never
+        committed: the reader is told to ask the daemon to walk it instead.
+        """
+        if self.pool.failed is not None:
+            return {"transaction": None}
+        await self.ops.commit()  # (its I/O in a worker thread)
+        superblock = self.pool.reserve_metadata_snap()  # nothing changed since: no commit
+        open_counts = {str(d.dev_id): d.open_count for d in self.pool.devices.values()
+                       if d.open_count}
+        return Held({"transaction": self.pool.transaction_id, "superblock": superblock.hex(),
+                     "open_counts": open_counts}, self.pool.release_metadata_snap)
 
 
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,

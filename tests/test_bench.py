@@ -152,3 +152,37 @@ def test_bad_options_fail_with_one_line(args, message):
     proc = run_bench(*args, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+CONCURRENCY = BENCH.parent / "bench-concurrency"
+
+
+def test_concurrency_list_loop_reports_both_ways_and_leaves_nothing(tmp_path):
+    """tools/bench-concurrency --list-loop at a tiny size: reads alone and next to `fusepool list`."""
+    work, out = tmp_path / "work", tmp_path / "ll.json"
+    work.mkdir()
+    try:
+        cmd = [sys.executable, CONCURRENCY, "--list-loop", "--blocks", "2000", "--layers", "5", "--size",
+               "16M", "--runtime", "1", "--repeats", "1", "--dir", work, "--json", out]
+        proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "reads next to a `list` loop" in proc.stdout and "target: p99 < 5 ms" in proc.stdout
+        res = json.loads(out.read_text())
+        assert res["pool"]["blocks"] == 2000 and res["pool"]["layers"] == 5
+        for key in ("alone", "with_list"):
+            assert len(res["samples"][key]) == 1
+            assert res["median"][key]["p99_us"] >= res["median"][key]["p50_us"] > 0
+        assert res["list_s"][0] and min(res["list_s"][0]) > 0, "no `fusepool list` ran next to the reads"
+        assert "--direct=1" in res["fio_args"]
+        assert list(work.iterdir()) == []
+    finally:
+        left = mounts_under(work)
+        for point in reversed(left):
+            lazy_unmount(point)
+    assert left == []
+
+
+def test_concurrency_list_loop_options_need_list_loop():
+    proc = subprocess.run([sys.executable, str(CONCURRENCY), "--blocks", "10"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--list-loop" in proc.stderr and "Traceback" not in proc.stderr

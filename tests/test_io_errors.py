@@ -333,7 +333,7 @@ def test_repair_replays_the_journal_before_dropping_it(tmp_path):
     pool.write(v.dev_id, 0, pattern(1, 2 * BS))
     pool.snapshot("v", "s")
     pool.space.claim(pool.nr_blocks - 1)  # a leak: counted, mapped by nobody
-    pool.dirty = True
+    pool.transaction.metadata_changed = True
     pool.commit()
     pool.write(v.dev_id, 4 * BS, pattern(2, 2 * BS))  # new blocks
     pool.write(v.dev_id, 100, b"copied on write")  # breaks sharing with s

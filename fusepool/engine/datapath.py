@@ -8,6 +8,7 @@ then do sizes and mappings change, so a failed write leaves no trace.
 
 import logging
 import time as wallclock
+from dataclasses import dataclass, field
 
 from fusepool.engine.device import (
     Device,
@@ -28,6 +29,18 @@ from fusepool.metadata.format import (
 from fusepool.metadata.tree import LeafCursor, Tree, WritableLeafCursor, height_for
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class WritePlan:
+    """What a write will do, decided before any of it is done."""
+
+    io: list[tuple[int, object]] = field(default_factory=list)  # (byte in the data image, buffer)
+    remap: list[tuple[int, int]] = field(default_factory=list)  # (virtual block, data block or UNMAPPED)
+    allocated: list[int] = field(default_factory=list)  # data blocks taken for it (undone on failure)
+    maybe_zero: list[tuple[int, int]] = field(default_factory=list)  # exclusive blocks maybe all zeros now
+    written: int = 0  # bytes of the write the plan covers (less than asked: the pool filled up)
+
 
 class DataPath:
     """read/write/discard (a room of Pool)."""
@@ -86,57 +99,65 @@ class DataPath:
         length = len(data)
         if not length:
             return 0
-        end = offset + length
-        if end > MAX_VOLUME_SIZE:
+        if offset + length > MAX_VOLUME_SIZE:
             raise InvalidArgument(f"write beyond the largest volume size ({MAX_VOLUME_SIZE} bytes)")
-        bs = self.block_size
         if not isinstance(data, (bytes, bytearray)):
             data = bytes(data)  # startswith below needs the object itself
-        zeros = memoryview(self.zero_block)
-        detect = self.config.zero_detection
-        vb = offset // bs
-        if (end <= dev.size and (end - 1) // bs == vb
-                and not (detect and data.startswith(zeros[: min(length, bs)]))):
-            # The common case first: an overwrite inside one block the volume owns
-            # (same tests as the in-place branch below; with zero detection, all-zero
-            # data goes the long way).
-            leaf = Tree.leaf(dev.root, vb // FANOUT)
-            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
-            block = entry >> TIME_BITS
-            if (entry != UNMAPPED and self.space.counts[block] == 1
-                    and entry & TIME_MASK >= dev.snap_time
-                    and not Tree.leaf_is_shared(dev.root, vb // FANOUT)):
-                self.data_dirty = True
-                try:
-                    self.data.write_one(block * bs + offset - vb * bs, data)
-                except OSError as exc:
-                    raise self._data_write_error(exc) from None
-                dev.mtime = wallclock.time()
-                return length
+        if self._overwrite_in_place(dev, offset, data):
+            return length
         if offset > dev.size:
             self._zero_tail(dev)
+        plan = self._plan_write(dev, offset, data)
+        self._write_planned(plan)
+        self._apply_write(dev, offset, plan)
+        return plan.written
+
+    def _overwrite_in_place(self, dev: Device, offset: int, data) -> bool:
+        """The common case, taken first: a write inside one block the volume owns.
+
+        The same tests as the in-place case of :meth:`_plan_write`; with zero
+        detection, all-zero data goes the long way.  False: not that case.
+        """
+        bs = self.block_size
+        end = offset + len(data)
+        vb = offset // bs
+        if (end > dev.size or (end - 1) // bs != vb
+                or (self.config.zero_detection
+                    and data.startswith(memoryview(self.zero_block)[: end - offset]))):
+            return False
+        leaf = Tree.leaf(dev.root, vb // FANOUT)
+        entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+        block = entry >> TIME_BITS
+        if (entry == UNMAPPED or self.space.counts[block] != 1 or entry & TIME_MASK < dev.snap_time
+                or Tree.leaf_is_shared(dev.root, vb // FANOUT)):
+            return False
+        self.transaction.data_written = True
+        try:
+            self.data.write_one(block * bs + offset - vb * bs, data)
+        except OSError as exc:
+            raise self._data_write_error(exc) from None
+        dev.mtime = wallclock.time()
+        return True
+
+    def _plan_write(self, dev: Device, offset: int, data) -> WritePlan:
+        """Decide every block's fate and allocate, touching no mapping."""
+        bs = self.block_size
+        end = offset + len(data)
         view = memoryview(data)
+        zeros = memoryview(self.zero_block)
+        detect = self.config.zero_detection
+        zeroing = not self.config.skip_block_zeroing
         counts = self.space.counts
         snap_time = dev.snap_time
-        zeroing = not self.config.skip_block_zeroing
-        # Plan: decide every block's fate and allocate, touching no mapping yet.
-        io: list[tuple[int, object]] = []  # (byte position in the data image, buffer)
-        remap: list[tuple[int, int]] = []  # (virtual block, new data block or UNMAPPED)
-        allocated: list[int] = []
-        maybe_zero: list[tuple[int, int]] = []  # exclusive blocks that may now be all zeros
-        leaf_index, leaf, leaf_shared = -1, None, False
-        written = 0
+        cursor = LeafCursor(dev.root, with_sharing=True)
+        plan = WritePlan()
         vb = offset // bs
         pos = offset
         while pos < end:
             lo = pos - vb * bs
             hi = min(end - vb * bs, bs)
             piece = view[pos - offset : pos - offset + hi - lo]
-            if vb // FANOUT != leaf_index:
-                leaf_index = vb // FANOUT
-                leaf = Tree.leaf(dev.root, leaf_index)
-                leaf_shared = leaf is not None and Tree.leaf_is_shared(dev.root, leaf_index)
-            entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
+            entry = cursor.entry(vb)
             block = entry >> TIME_BITS
             whole = hi - lo == bs
             # In place, no copy: a memoryview compared with bytes goes byte by byte.
@@ -144,23 +165,21 @@ class DataPath:
             zero = detect and not piece[0] and data.startswith(zeros[: hi - lo], pos - offset)
             if entry == UNMAPPED:
                 if zero:  # unmapped blocks read as zeros already: nothing to store
-                    written += hi - lo
+                    plan.written += hi - lo
                     pos = (vb + 1) * bs
                     vb += 1
                     continue
                 buf = piece if whole else None
             elif zero and whole:
-                if not remap and not allocated:
-                    self._ensure_metadata_room()
-                remap.append((vb, UNMAPPED))
+                self._plan_unmap(plan, vb)
                 buf = False
-            elif (not leaf_shared and counts[block] == 1 and entry & TIME_MASK >= snap_time):
+            elif not cursor.shared and counts[block] == 1 and entry & TIME_MASK >= snap_time:
                 # Exclusive: overwrite in place.  dm-thin's time rule (mapped before the
                 # last snapshot => shared) also covers sharing that only the last *commit*
                 # still has, so a crash can never show this write in a snapshot.
-                io.append((block * bs + lo, piece))
+                plan.io.append((block * bs + lo, piece))
                 if zero and hi == bs:  # zeros ending a block: it may be all zeros now
-                    maybe_zero.append((vb, block))
+                    plan.maybe_zero.append((vb, block))
                 buf = False
             elif whole:  # shared, and all of it rewritten: nothing to copy
                 buf = piece
@@ -168,59 +187,67 @@ class DataPath:
                 try:
                     buf = bytearray(self.data.read(block, 0, bs))
                 except PoolError:  # a read error (EIO): this write fails, nothing changed
-                    self._undo_allocations(allocated)
+                    self._undo_allocations(plan.allocated)
                     raise
                 buf[lo:hi] = piece
                 if zero and buf == self.zero_block:
-                    if not remap and not allocated:
-                        self._ensure_metadata_room()
-                    remap.append((vb, UNMAPPED))
+                    self._plan_unmap(plan, vb)
                     buf = False
             if buf is not False:
                 try:
-                    if not remap and not allocated:
+                    if not plan.remap and not plan.allocated:
                         self._ensure_metadata_room()
                     new = self.space.allocate() if self.space.free else self._allocate_grown()
                 except (PoolFull, MetadataFull):
-                    if not written:
-                        self._undo_allocations(allocated)
+                    if not plan.written:
+                        self._undo_allocations(plan.allocated)
                         raise
                     break
-                allocated.append(new)
+                plan.allocated.append(new)
                 if buf is not None:
-                    io.append((new * bs, buf))
+                    plan.io.append((new * bs, buf))
                 elif zeroing and not self.data.is_hole(new):
                     buf = bytearray(bs)
                     buf[lo:hi] = piece
-                    io.append((new * bs, buf))
+                    plan.io.append((new * bs, buf))
                 else:  # a hole (never written, or punched) reads as zeros; or skip_block_zeroing
-                    io.append((new * bs + lo, piece))
-                remap.append((vb, new))
-            written += hi - lo
+                    plan.io.append((new * bs + lo, piece))
+                plan.remap.append((vb, new))
+            plan.written += hi - lo
             pos = (vb + 1) * bs
             vb += 1
-        # I/O: one pwritev per physically contiguous run.
+        return plan
+
+    def _plan_unmap(self, plan: WritePlan, vb: int) -> None:
+        if not plan.remap and not plan.allocated:
+            self._ensure_metadata_room()
+        plan.remap.append((vb, UNMAPPED))
+
+    def _write_planned(self, plan: WritePlan) -> None:
+        """The I/O: one pwritev per physically contiguous run; on failure, nothing changed."""
         try:
-            self.data_dirty = True
-            self._write_runs(io)
-            for vb, block in maybe_zero:  # (the kernel splits zero writes at page boundaries)
+            self.transaction.data_written = True
+            self._write_runs(plan.io)
+            bs = self.block_size
+            for vb, block in plan.maybe_zero:  # (the kernel splits zero writes at page boundaries)
                 if self.data.read(block, 0, bs) == self.zero_block:
-                    remap.append((vb, UNMAPPED))
+                    plan.remap.append((vb, UNMAPPED))
         except OSError as exc:
-            self._undo_allocations(allocated)
+            self._undo_allocations(plan.allocated)
             raise self._data_write_error(exc) from None
         except PoolError:  # a read failed (DataReadError): nothing remapped
-            self._undo_allocations(allocated)
+            self._undo_allocations(plan.allocated)
             raise
-        # Apply: only now do size and mappings change (no I/O can fail after this point).
-        if offset + written > dev.size:
-            self._grow_device(dev, offset + written)
-        if remap:
-            self._remap(dev, remap)
+
+    def _apply_write(self, dev: Device, offset: int, plan: WritePlan) -> None:
+        """Only now do size and mappings change (no I/O can fail after this point)."""
+        if offset + plan.written > dev.size:
+            self._grow_device(dev, offset + plan.written)
+        if plan.remap:
+            self._remap(dev, plan.remap)
         dev.mtime = wallclock.time()
         if self.space.free < self.space_watch:  # the one space check per write: see _space_low
             self._space_low()
-        return written
 
     def _undo_allocations(self, blocks: list[int]) -> None:
         for block in blocks:
@@ -243,7 +270,7 @@ class DataPath:
         """Point virtual blocks at new data blocks (or UNMAPPED); adjust counts."""
         cursor = WritableLeafCursor(self.tree, dev.root, height_for(self._blocks_for(dev.size)))
         stamp = self.time & TIME_MASK
-        unsynced = self.unsynced.setdefault(dev.dev_id, set())
+        unsynced = self.transaction.remapped_blocks(dev.dev_id)
         for vb, new in changes:
             unsynced.add(vb)
             leaf = cursor.leaf_for(vb)
@@ -259,7 +286,6 @@ class DataPath:
                 dev.mapped_blocks -= 1
             if new != UNMAPPED:
                 dev.mapped_blocks += 1
-        self.dirty = True
 
     def discard(self, dev_id: int, offset: int, length: int) -> int:
         """Unmap the whole blocks inside the range (rounded inward, as dm-thin)."""

@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass, field
 
 from fusepool.errors import (
+    NoSuchVolume,
     UsageError,
 )
 from fusepool.metadata.tree import Node
@@ -57,6 +58,20 @@ class Device:
         return cls(rec["dev_id"], rec["name"], rec["size"], rec["creation_time"], rec["snap_time"],
                    rec["transaction"], rec["created"], rec.get("origin"), rec["mapped_blocks"],
                    rec.get("mtime", rec["created"]), rec.get("deleted", False), root, mode=mode)
+
+
+class Namespace:
+    """Names to devices (``devices``: dev_id -> Device, ``names``: name -> dev_id)."""
+
+    def volume(self, name: str) -> Device:
+        dev_id = self.names.get(name)
+        if dev_id is None:
+            raise NoSuchVolume(f"no volume named {name!r} in pool {self.path}")
+        return self.devices[dev_id]
+
+    def volumes(self) -> list[Device]:
+        """Visible volumes (deferred deletions excluded), by name."""
+        return sorted((self.devices[i] for i in self.names.values()), key=lambda d: d.name)
 
 
 def validate_name(name: str) -> str:

@@ -51,6 +51,7 @@ from fusepool.engine.device import (
     MAX_METADATA_SIZE,
     VOLUME_MODE,
     Device,
+    Namespace,
     validate_block_size,
     validate_name,
 )
@@ -64,7 +65,7 @@ from fusepool.engine.space import (
     validate_space_settings,
 )
 from fusepool.engine.stats import Statistics
-from fusepool.engine.txn import Health, Transactions
+from fusepool.engine.txn import Health, Transaction, Transactions
 from fusepool.errors import (
     Corrupt,
     InvalidArgument,
@@ -92,7 +93,7 @@ from fusepool.units import bytes_size
 
 log = logging.getLogger(__name__)
 
-class Pool(Transactions, DataPath, SpacePolicy, Statistics):
+class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
     """An open thin pool.  Use :meth:`create` once, then :meth:`open`."""
 
     # Why on_low_water must not run (set by open: pool.json not the user's own), or None.
@@ -232,6 +233,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         # Held by whatever does metadata or flush I/O (commit on the loop, a FLUSH in a
         # worker thread: txn.run_sync), so the two never interleave.
         self.io_lock = threading.RLock()
+        self.commit_in_flight = None  # a CommitJob whose I/O runs in a worker thread
         self.failure: str | None = None
         try:
             self.store, loaded = MetadataStore.open(os.path.join(path, METADATA), readonly)
@@ -267,14 +269,8 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         except BaseException:
             self.store.close()
             raise
-        self.dirty = False  # metadata changed since the last commit
-        self.data_dirty = False  # data written since the last flush
+        self.transaction = Transaction()  # what changed since the last commit
         self.commits = 0
-        # What the next journal record must carry: per device, the virtual blocks
-        # remapped since the last commit or record.  Anything else that changes
-        # (devices, names, pool time) needs a full commit: ``structure_changed``.
-        self.unsynced: dict[int, set[int]] = {}
-        self.structure_changed = False
         self.journal_syncs = 0
         self.journal = Journal(os.path.join(path, JOURNAL), readonly)
         try:
@@ -294,7 +290,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         self._arm_space_watch()
         if sb.flags & FLAG_NEEDS_CHECK and clear_needs_check and not readonly:
             self.store.superblock.flags &= ~FLAG_NEEDS_CHECK  # written by the commit below
-            self.dirty = self.structure_changed = True
+            self.transaction.change_structure()
             log.info("pool %s: needs-check flag cleared", path)
         elif sb.flags & FLAG_NEEDS_CHECK:
             log.warning("pool %s is flagged needs-check: read-only until `fusepool check` or "
@@ -302,7 +298,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
             self.health = Health.NEEDS_CHECK
             self.failure = (f"the pool is flagged needs-check (an I/O error or an internal error "
                             f"stopped it earlier); {self._check_advice()}")
-            self.dirty = False  # (a journal replayed above is durable already: an fsync succeeds)
+            self.transaction = Transaction()  # (a journal replayed above is durable already)
         if not readonly and self.failed is None:
             self.data.grow(self.nr_blocks * self.block_size)
             # Deferred deletions that a crash interrupted are finished now.
@@ -314,7 +310,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
     def close(self) -> None:
         """Commit and release everything (safe to call twice)."""
         try:
-            if not self.readonly and self.failed is None and (self.dirty or self.data_dirty):
+            if not self.readonly and self.failed is None and self.transaction.pending:
                 self.commit()
         finally:
             self.journal.close()
@@ -344,21 +340,11 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
 
     # --- namespace -------------------------------------------------------------------
 
-    def volume(self, name: str) -> Device:
-        dev_id = self.names.get(name)
-        if dev_id is None:
-            raise NoSuchVolume(f"no volume named {name!r} in pool {self.path}")
-        return self.devices[dev_id]
-
     def device(self, dev_id: int) -> Device:
         dev = self.devices.get(dev_id)
         if dev is None:
             raise NoSuchVolume(f"no device with id {dev_id}")
         return dev
-
-    def volumes(self) -> list[Device]:
-        """Visible volumes (deferred deletions excluded), by name."""
-        return sorted((self.devices[i] for i in self.names.values()), key=lambda d: d.name)
 
     def create_volume(self, name: str, size: int | None = None, mode: int = VOLUME_MODE) -> Device:
         """A new, empty thin volume of ``size`` bytes (default: the base size).
@@ -403,7 +389,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
     def _add(self, dev: Device) -> None:
         self.devices[dev.dev_id] = dev
         self.names[dev.name] = dev.dev_id
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
         try:
             self.commit()
         except PoolError:
@@ -425,7 +411,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         self._check_writable()
         del self.names[name]
         dev.deleted = True
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
         try:
             self.commit()
         except PoolError:
@@ -450,7 +436,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
             self.tree.drop(dev.root)
             dev.root = None
         del self.devices[dev.dev_id]
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
 
     def rename(self, old: str, new: str, replace: bool = False) -> bool:
         """Rename a volume; with ``replace``, a volume already named ``new`` goes.
@@ -473,7 +459,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         del self.names[old]
         dev.name = new
         self.names[new] = dev.dev_id
-        self.dirty = self.structure_changed = True
+        self.transaction.change_structure()
         try:
             self.commit()
         except PoolError:
@@ -500,7 +486,7 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
         mode &= 0o777
         if mode != dev.mode:
             old, dev.mode = dev.mode, mode
-            self.dirty = self.structure_changed = True  # the device table: a full commit
+            self.transaction.change_structure()  # the device table: a full commit
             try:
                 self.commit()
             except PoolError:
@@ -546,9 +532,8 @@ class Pool(Transactions, DataPath, SpacePolicy, Statistics):
     def _grow_device(self, dev: Device, size: int) -> None:
         self._check_size(size)
         dev.size = size
-        self.unsynced.setdefault(dev.dev_id, set())  # the journal carries the new size
+        self.transaction.remapped_blocks(dev.dev_id)  # the journal carries the new size
         dev.root = self.tree.grow(dev.root, self._blocks_for(size))
-        self.dirty = True
 
     def _check_size(self, size: int) -> None:
         if not isinstance(size, int) or not 0 <= size <= MAX_VOLUME_SIZE:

@@ -88,7 +88,7 @@ class SpacePolicy:
             self.data.grow(nr_blocks * self.block_size)  # full for a preallocated file stop here
         if meta_pages > self.store.superblock.nr_meta_pages:
             self.store.grow(meta_pages)
-            self.dirty = self.structure_changed = True
+            self.transaction.change_structure()
             self._recover_metadata_full()
         if nr_blocks > self.nr_blocks:
             self._grow_data(nr_blocks)
@@ -100,7 +100,7 @@ class SpacePolicy:
         """More data blocks (in memory until the next commit)."""
         self.data.grow(nr_blocks * self.block_size)
         self.space.grow(nr_blocks)
-        self.dirty = self.structure_changed = True  # a journal record cannot carry it
+        self.transaction.change_structure()  # a journal record cannot carry it
 
     # --- autoextend and the low-water event ----------------------------------------------
 

@@ -29,6 +29,7 @@ from fusepool.metadata.format import (
     UNMAPPED,
 )
 from fusepool.metadata.journal import validate_record
+from fusepool.metadata.store import CommitWrite
 from fusepool.metadata.tree import LeafCursor, WritableLeafCursor, height_for
 
 log = logging.getLogger(__name__)
@@ -60,65 +61,187 @@ class SyncJob:
     data_error: OSError | None = None
     journal_error: OSError | None = None
     superseded: bool = False  # a commit came first and made it all durable
+    commit: "CommitJob | None" = None  # a full commit instead (the journal cannot take it)
+
+
+@dataclass
+class CommitJob:
+    """One commit between Transactions.prepare_commit and finish_commit."""
+
+    write: CommitWrite  # the serialised metadata
+    freed: list[int]  # data blocks freed in the transaction: allocatable once it is durable
+    transaction: "Transaction"  # what it commits (restored if a synchronous commit fails)
+    dirtied: int  # the tree's dirtied-node count it took
+    data_error: OSError | None = None
+    error: OSError | None = None
+    ran: bool = False
+    finished: bool = False
+    failed: bool = False
+
+
+class Transaction:
+    """What the running transaction changed since the last commit (one per pool)."""
+
+    __slots__ = ("metadata_changed", "structure_changed", "data_written", "remapped")
+
+    def __init__(self):
+        self.metadata_changed = False  # a commit (or, for mappings alone, a journal record) is due
+        self.structure_changed = False  # devices, names, pool time: only a commit carries them
+        self.data_written = False  # data written since the last data flush
+        # What the next journal record must carry: per device, the virtual blocks
+        # remapped since the last commit or record (an empty set: just the size).
+        self.remapped: dict[int, set[int]] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Anything a FLUSH would have to make durable."""
+        return self.metadata_changed or self.data_written
+
+    def change_structure(self) -> None:
+        self.metadata_changed = self.structure_changed = True
+
+    def remapped_blocks(self, dev_id: int) -> set[int]:
+        """The set to add a device's remapped virtual blocks to (the metadata changes)."""
+        self.metadata_changed = True
+        return self.remapped.setdefault(dev_id, set())
+
+    def take_remapped(self) -> dict[int, set[int]]:
+        """What a journal record carries; the next record starts empty."""
+        remapped, self.remapped = self.remapped, {}
+        return remapped
+
+    def committed(self) -> None:
+        self.metadata_changed = self.structure_changed = False
+        self.remapped = {}
 
 
 class Transactions:
     """Commit, sync, journal replay, failure (a room of Pool)."""
+
+    @property
+    def dirty(self) -> bool:
+        """The metadata changed since the last commit."""
+        return self.transaction.metadata_changed
 
 
     def commit(self) -> int:
         """Make every change so far durable: data first, then metadata.
 
         Returns the transaction id (unchanged when nothing was dirty).  Holds
-        ``io_lock``, so it never interleaves with a FLUSH running in a worker
-        thread (:meth:`run_sync`); on the event loop that wait is at most one
-        journal append.
+        ``io_lock``, so it never interleaves with I/O running in a worker
+        thread (:meth:`run_sync`, :meth:`run_commit`); on the event loop that
+        wait is at most one journal append or one commit's writes.
         """
         with self.io_lock:
-            return self._commit()
+            job = self.prepare_commit()
+            if job is None:
+                return self.store.superblock.transaction_id
+            self.run_commit(job)
+            return self.finish_commit(job, undo=True)
 
-    def _commit(self) -> int:
+    def prepare_commit(self) -> "CommitJob | None":
+        """Take the commit (serialise it, allocate its pages); None if nothing changed.
+
+        The same in three steps as :meth:`commit`, for a caller that runs the
+        blocking middle one in a worker thread (the mount daemon).  Changes
+        made after this call belong to the next commit: the running
+        :class:`Transaction` starts anew, the blocks freed so far become
+        allocatable only when this commit is durable, and a tree node changed
+        again releases the page given to it here (the next commit retires it).
+        A commit still in flight is finished first.
+        """
+        self._finish_commit_in_flight()
         if not self.dirty:
-            if self.data_dirty and not self.readonly:  # in-place overwrites: FLUSH the data
+            if self.transaction.data_written and not self.readonly:  # in-place overwrites: FLUSH the data
                 if self.needs_check:  # (their earlier flush failed: never report them durable)
                     raise PoolFailed(f"the pool is read-only: {self.failed}")
                 self._flush_data()
-            return self.store.superblock.transaction_id
+            return None
         self._check_writable()
-        # Data before the metadata that points at it.  A failed flush is never retried:
-        # Linux reports a writeback error once, and the next fdatasync would return 0.
-        self._flush_data()
+        state = {"next_dev_id": self.next_dev_id,
+                 "devices": [d.to_record() for d in self.devices.values()]}
+        roots = {d.dev_id: d.root for d in self.devices.values()}
         try:
-            state = {"next_dev_id": self.next_dev_id,
-                     "devices": [d.to_record() for d in self.devices.values()]}
-            roots = {d.dev_id: d.root for d in self.devices.values()}
-            txn = self.store.commit(state, roots, self.space, self.time, self.nr_blocks)
+            write = self.store.prepare_commit(state, roots, self.space, self.time, self.nr_blocks)
         except MetadataFull as exc:
             self._fail(Health.METADATA_FULL,
                        f"{exc}; extend the metadata with `fusepool extend POOL --metadata-size SIZE`")
             raise ReadOnlyPool(self.failed) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                # The host filesystem is full under the sparse files.  The store rolled
-                # the commit back, so nothing is damaged: stay writable and retry later.
+        job = CommitJob(write, self.space.take_freed(), self.transaction, self.tree.dirtied)
+        self.transaction = Transaction()
+        self.tree.dirtied = 0
+        self.commit_in_flight = job
+        return job
+
+    def run_commit(self, job: "CommitJob") -> None:
+        """The blocking part: fdatasync the data, then write the metadata (data first).
+
+        A failed flush is never retried: Linux reports a writeback error once,
+        and the next fdatasync would return 0.  Errors are kept in ``job``.
+        """
+        with self.io_lock:
+            if job.ran:  # (finished early by a commit on the loop: see _finish_commit_in_flight)
+                return
+            job.ran = True
+            try:
+                self.data.flush()
+            except OSError as exc:
+                job.data_error = exc
+                return
+            try:
+                self.store.write_commit(job.write)
+            except OSError as exc:
+                job.error = exc
+
+    def finish_commit(self, job: "CommitJob", undo: bool = False) -> int:
+        """Back on the loop: retire what the commit replaced, or fail.
+
+        ``undo``: nothing changed since :meth:`prepare_commit` (the synchronous
+        path), so a failed commit can be rolled back: the host filesystem being
+        full then leaves the pool writable.  Without it a failure fails the pool.
+        """
+        if job.finished:
+            if job.failed:
+                raise PoolFailed(self.failed or "the commit failed")
+            return job.write.superblock.transaction_id
+        job.finished = True
+        self.commit_in_flight = None
+        if job.data_error is not None or job.error is not None:
+            job.failed = True
+            if undo:
+                self.store.abort_commit(job.write, self.space)
+                self.space.freed = job.freed + self.space.freed
+                self.transaction, self.tree.dirtied = job.transaction, job.dirtied
+            if job.data_error is not None:
+                raise self._data_flush_failed(job.data_error)
+            exc = job.error
+            if undo and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The host filesystem is full under the sparse files.  The commit was
+                # rolled back, so nothing is damaged: stay writable and retry later.
+                job.failed = False
                 raise PoolFull(f"the host filesystem under {self.path} is full: metadata not "
                                "committed (free space on the host)") from None
             self._fail_needs_check(f"writing the metadata failed ({exc.strerror or exc})")
             raise PoolFailed(self.failed) from None
-        self.dirty = False
-        self.tree.dirtied = 0
+        self.store.finish_commit(job.write)
         self.commits += 1
         self.journal.reset()  # its records are in this commit now
-        self.unsynced = {}
-        self.structure_changed = False
-        freed = self.space.committed()
+        freed = self.space.release_freed(job.freed)
         if freed:
             self._arm_space_watch()  # free space came back: the low-water event re-arms
         try:
             self.data.punch(freed)
         except OSError as exc:  # space stays allocated on the host: harmless
             log.warning("could not punch holes for %d freed blocks: %s", len(freed), exc)
-        return txn
+        return job.write.superblock.transaction_id
+
+    def _finish_commit_in_flight(self) -> None:
+        """A commit is asked for while another one's I/O is in a worker thread: that
+        one comes first (its I/O done here if the thread has not started it yet)."""
+        job = self.commit_in_flight
+        if job is not None:
+            self.run_commit(job)
+            self.finish_commit(job)
 
     def sync(self) -> None:
         """What a FLUSH (fsync) needs: everything written so far made durable.
@@ -150,31 +273,35 @@ class Transactions:
         device's data.  Callers must run the FLUSHes one at a time, in the
         order they were prepared (records replay in append order).
         """
-        if self.needs_check and (self.dirty or self.data_dirty):
+        if self.needs_check and self.transaction.pending:
             raise PoolFailed(f"the pool is read-only: {self.failed}")
         if not self.dirty:  # only overwrites in place (or nothing): a data flush is all
             return self.prepare_data_flush()
-        if not self._journal_fits():
-            self.commit()
-            return None
+        if not self._journal_fits():  # a full commit, its writes in the worker thread too
+            job = self.prepare_commit()
+            if job is not None and not self.store.write_is_reserved(job.write):
+                # It may meet a full host: only a commit undone at once can say so safely.
+                self.run_commit(job)
+                self.finish_commit(job, undo=True)
+                return None
+            return None if job is None else SyncJob(False, None, commit=job)
         self._check_writable()
-        job = SyncJob(self.data_dirty, (self._uuid_bytes, self.store.superblock.transaction_id,
-                                        self.time, *self._journal_payload()))
-        self.data_dirty = False  # (an fdatasync with nothing to write still flushes the disk)
-        self.unsynced = {}
+        job = SyncJob(self.transaction.data_written,
+                      (self._uuid_bytes, self.store.superblock.transaction_id, self.time,
+                       *self._journal_payload(self.transaction.take_remapped())))
+        self.transaction.data_written = False  # (an fdatasync with nothing new still flushes)
         return job
 
     def prepare_data_flush(self) -> "SyncJob | None":
         """A job that only fdatasyncs the data written so far (None if there is none).
 
-        For a FLUSH after overwrites in place, and before a periodic commit, so
-        that commit's own data flush on the event loop finds little left to do.
+        For a FLUSH after overwrites in place (no mapping changed).
         """
-        if not self.data_dirty or self.readonly:
+        if not self.transaction.data_written or self.readonly:
             return None
         if self.needs_check:  # (their earlier flush failed: never report them durable)
             raise PoolFailed(f"the pool is read-only: {self.failed}")
-        self.data_dirty = False
+        self.transaction.data_written = False
         return SyncJob(True, None)
 
     def run_sync(self, job: "SyncJob") -> None:
@@ -183,6 +310,9 @@ class Transactions:
         Touches only the data file's descriptor and the journal, under
         ``io_lock``; errors are kept in ``job`` for :meth:`finish_sync`.
         """
+        if job.commit is not None:
+            self.run_commit(job.commit)
+            return
         with self.io_lock:
             if job.record is not None and job.record[1] != self.store.superblock.transaction_id:
                 # A commit ran between prepare and now (create, snapshot...): it flushed the
@@ -205,6 +335,9 @@ class Transactions:
 
     def finish_sync(self, job: "SyncJob") -> None:
         """Back on the loop: a failed data flush fails the pool; a failed append commits."""
+        if job.commit is not None:
+            self.finish_commit(job.commit)
+            return
         if job.data_error is not None:
             raise self._data_flush_failed(job.data_error)
         if job.journal_error is not None:  # only the journal failed: the commit makes it durable
@@ -215,17 +348,18 @@ class Transactions:
             self.journal_syncs += 1
 
     def _journal_fits(self) -> bool:
-        if self.structure_changed or self.readonly or self.failed is not None:
+        if self.transaction.structure_changed or self.readonly or self.failed is not None:
             return False
         if self.time != self.store.superblock.time:
             return False
-        changed = sum(len(vbs) for vbs in self.unsynced.values())
+        changed = sum(len(vbs) for vbs in self.transaction.remapped.values())
         return changed <= JOURNAL_MAX_MAPPINGS and self.journal.end + 24 * changed <= JOURNAL_MAX_BYTES
 
-    def _journal_payload(self) -> tuple[list[tuple[int, int, int]], array]:
+    def _journal_payload(self, remapped: dict[int, set[int]]
+                         ) -> tuple[list[tuple[int, int, int]], array]:
         devices = []
         mappings = array("Q")
-        for dev_id, vbs in self.unsynced.items():
+        for dev_id, vbs in remapped.items():
             dev = self.devices.get(dev_id)
             if dev is None:  # (dropped: a structure change, so never here)
                 continue
@@ -253,7 +387,7 @@ class Transactions:
                           f"run `fusepool check {self.path}` and `fusepool repair {self.path}`") from None
         log.info("pool %s: replayed %d journal record(s), %d mapping(s), on top of transaction %d",
                  self.path, len(records), nr_mappings, sb.transaction_id)
-        self.unsynced = {}
+        self.transaction.take_remapped()  # (durable in the journal already)
 
     def _apply_record(self, record) -> None:
         """Apply a record that validate_record has passed."""
@@ -292,7 +426,22 @@ class Transactions:
             if old != UNMAPPED:
                 space.dec(old >> TIME_BITS)
                 dev.mapped_blocks -= 1
-        self.dirty = True
+        self.transaction.metadata_changed = True
+
+    def reserve_metadata_snap(self) -> bytes:
+        """Commit, and keep that commit's metadata pages until :meth:`release_metadata_snap`.
+
+        dm-thin's ``reserve_metadata_snap``: a reader outside the engine
+        (:class:`fusepool.engine.view.CommittedView`) can then walk the commit
+        on disk while the pool goes on changing.  Returns its superblock page (its slot
+        is rewritten two commits later, while the pages it points at are held).
+        """
+        self.commit()
+        self.store.hold()
+        return self.store.superblock.pack()
+
+    def release_metadata_snap(self) -> None:
+        self.store.unhold()
 
     @property
     def failed(self) -> str | None:
@@ -353,7 +502,7 @@ class Transactions:
             self.data.flush()
         except OSError as exc:
             raise self._data_flush_failed(exc) from None
-        self.data_dirty = False
+        self.transaction.data_written = False
 
     def _data_flush_failed(self, exc: OSError) -> PoolError:
         self._fail_needs_check(f"flushing the data to {self.data.path} failed "

@@ -81,11 +81,19 @@ class DataSpaceMap:
 
         Returns the blocks that are still free (the caller may punch holes).
         """
-        released = [b for b in self.freed if self.counts[b] == 0]
+        return self.release_freed(self.take_freed())
+
+    def take_freed(self) -> list[int]:
+        """The blocks freed so far, for the commit being taken (later frees: the next one)."""
+        freed, self.freed = self.freed, []
+        return freed
+
+    def release_freed(self, freed: list[int]) -> list[int]:
+        """The commit that freed them is durable: make them allocatable (see committed)."""
+        released = [b for b in freed if self.counts[b] == 0]
         for block in released:
             self.busy[block] = 0
         self.free += len(released)
-        self.freed = []
         return released
 
     def grow(self, nr_blocks: int) -> None:

@@ -5,7 +5,10 @@ A page is in one of these states, kept in ``page_state`` (one byte a page):
 - bit ``CURRENT``: referenced by the last commit (N);
 - bit ``PREVIOUS``: referenced by the commit before (N-1), kept so that a
   damaged latest commit can fall back to the one before it (``repair``);
-- bit ``PENDING``: written by the commit in progress.
+- bit ``PENDING``: written by the commit in progress;
+- bit ``HELD``: referenced by a commit that a reader is walking on disk (a
+  reserved metadata snapshot, dm-thin's ``reserve_metadata_snap``): kept
+  until every reservation is released.
 
 A page with none of them is free.  Commit N+1 only writes free pages, so both
 N and N-1 stay intact on disk until the superblock of N+1 is durable.
@@ -44,14 +47,29 @@ from fusepool.metadata.tree import Node
 
 log = logging.getLogger(__name__)
 
-CURRENT, PREVIOUS, PENDING = 1, 2, 4
+CURRENT, PREVIOUS, PENDING, HELD = 1, 2, 4, 8
 _ROOT_PAYLOAD = PAGE_SIZE - HEADER_SIZE
 _IOV_MAX = 1024  # buffers one pwritev may take
 RESERVE_PAGES = 256  # host-backed metadata pages kept beyond the highest in use (1 MiB)
-# After a commit: CURRENT|PENDING -> CURRENT, CURRENT -> PREVIOUS as well.
+# After a commit: CURRENT|PENDING -> CURRENT, CURRENT -> PREVIOUS as well; HELD stays.
 _AFTER_COMMIT = bytes(((v & CURRENT) << 1) | (CURRENT if v & (CURRENT | PENDING) else 0)
-                      for v in range(256))
-_DROP_PENDING = bytes(v & (CURRENT | PREVIOUS) for v in range(256))
+                      | (v & HELD) for v in range(256))
+_DROP_PENDING = bytes(v & (CURRENT | PREVIOUS | HELD) for v in range(256))
+_HOLD_CURRENT = bytes(v | HELD if v & CURRENT else v for v in range(256))
+_UNHOLD = bytes(v & ~HELD for v in range(256))
+
+
+@dataclass
+class CommitWrite:
+    """A commit serialised by MetadataStore.prepare_commit, to be written."""
+
+    superblock: Superblock
+    super_page: bytes
+    writes: list[tuple[int, bytes]]  # (page number, page)
+    dirty: list[Node]  # the nodes given pages
+    dirty_sm: list[int]  # space map page indexes written
+    old_sm: list[int]  # the space map page numbers before
+    released: list[int]  # pages the state stopped referencing before the commit was taken
 
 
 @dataclass
@@ -90,6 +108,7 @@ class MetadataStore:
         self._free: int | None = None  # cached count of free pages
         self.backed = 0  # pages [0, backed) have host space reserved (see keep_reserve)
         self.readonly_fd = False
+        self.holds = 0  # reserved metadata snapshots not yet released
 
     # --- creating and opening ------------------------------------------------
 
@@ -247,6 +266,22 @@ class MetadataStore:
         self.superblock.nr_meta_pages = nr_meta_pages
         self._free = None
 
+    def hold(self) -> None:
+        """Keep the last commit's pages from reuse until :meth:`unhold` (a reader walks them).
+
+        Pages of several held commits are kept until the last hold goes: one
+        bit, not a bitmap per hold, since holds are short and rarely overlap.
+        """
+        self.page_state = bytearray(self.page_state.translate(_HOLD_CURRENT))
+        self.holds += 1
+        self._free = None
+
+    def unhold(self) -> None:
+        self.holds -= 1
+        if self.holds == 0:
+            self.page_state = bytearray(self.page_state.translate(_UNHOLD))
+            self._free = None
+
     # --- commit ----------------------------------------------------------------
 
     def commit(self, state: dict, roots: dict[int, Node | None], spacemap, time: int,
@@ -254,7 +289,27 @@ class MetadataStore:
         """Write a new transaction; return its id.
 
         The caller has already flushed the data device.  ``state['devices']``
-        gets each device's root page filled in here.
+        gets each device's root page filled in here.  Nothing may change the
+        trees or the space map during the call; :meth:`prepare_commit`,
+        :meth:`write_commit` and :meth:`finish_commit` are the same in steps
+        for a caller that lets them change during the writes.
+        """
+        job = self.prepare_commit(state, roots, spacemap, time, nr_data_blocks, flags)
+        try:
+            self.write_commit(job)
+        except BaseException:
+            self.abort_commit(job, spacemap)
+            raise
+        self.finish_commit(job)
+        return job.superblock.transaction_id
+
+    def prepare_commit(self, state: dict, roots: dict[int, Node | None], spacemap, time: int,
+                       nr_data_blocks: int, flags: int | None = None) -> "CommitWrite":
+        """Serialise a new transaction and allocate its pages; write nothing.
+
+        From here on the commit is taken: nodes and space map pages changed
+        afterwards belong to the next one (a node dirtied again releases the
+        page given to it here, which the next commit retires).
         """
         dirty = _dirty_nodes(roots.values())
         dirty_sm = sorted(spacemap.dirty_pages)
@@ -297,31 +352,54 @@ class MetadataStore:
                             self.superblock.flags if flags is None else flags,
                             len(blob), xxhash.xxh64_intdigest(blob), root_pages)
             super_page = sb.pack()
-            self._write_pages(writes)
-            os.fdatasync(self.fd)
-            os.pwrite(self.fd, super_page, (txn % 2) * PAGE_SIZE)
-            os.fdatasync(self.fd)
         except BaseException:
-            for node in dirty:
-                node.page = None
-            self.spacemap_pages = old_sm
-            self.page_state = bytearray(self.page_state.translate(_DROP_PENDING))
-            self._free = None
+            self._drop_pending(dirty, old_sm)
             raise
-        # The new commit is durable: retire what it no longer references.
-        self.page_state = bytearray(self.page_state.translate(_AFTER_COMMIT))
-        for index in dirty_sm:
-            if old_sm[index]:
-                self.released.append(old_sm[index])
-        self.released.extend(self.superblock.root_pages)
-        for page_no in self.released:
-            self.page_state[page_no] &= ~CURRENT
-        self.released = []
-        self._free = None
+        job = CommitWrite(sb, super_page, writes, dirty, dirty_sm, old_sm, self.released)
+        self.released = []  # released from now on: retired by the next commit
         spacemap.dirty_pages = set()
-        self.superblock = sb
+        return job
+
+    def write_commit(self, job: "CommitWrite") -> None:
+        """The blocking part: the pages, a flush, the superblock, a flush.
+
+        Touches only the file (safe in a worker thread while the event loop
+        changes the trees); on an error the caller aborts or fails the pool.
+        """
+        self._write_pages(job.writes)
+        os.fdatasync(self.fd)
+        os.pwrite(self.fd, job.super_page, (job.superblock.transaction_id % 2) * PAGE_SIZE)
+        os.fdatasync(self.fd)
+
+    def write_is_reserved(self, job: "CommitWrite") -> bool:
+        """True when every page the commit writes has host space already (no ENOSPC)."""
+        return all(page_no < self.backed for page_no, _ in job.writes)
+
+    def abort_commit(self, job: "CommitWrite", spacemap) -> None:
+        """Undo :meth:`prepare_commit` (nothing changed since): the state is as before."""
+        self._drop_pending(job.dirty, job.old_sm)
+        self.released = job.released + self.released
+        spacemap.dirty_pages |= set(job.dirty_sm)
+
+    def _drop_pending(self, dirty: list[Node], old_sm: list[int]) -> None:
+        for node in dirty:
+            node.page = None
+        self.spacemap_pages = old_sm
+        self.page_state = bytearray(self.page_state.translate(_DROP_PENDING))
+        self._free = None
+
+    def finish_commit(self, job: "CommitWrite") -> None:
+        """The new commit is durable: retire what it no longer references."""
+        self.page_state = bytearray(self.page_state.translate(_AFTER_COMMIT))
+        retired = list(job.released)
+        retired += [job.old_sm[index] for index in job.dirty_sm
+                    if index < len(job.old_sm) and job.old_sm[index]]
+        retired += self.superblock.root_pages
+        for page_no in retired:
+            self.page_state[page_no] &= ~CURRENT
+        self._free = None
+        self.superblock = job.superblock
         self.keep_reserve()
-        return txn
 
     def mark_needs_check(self) -> None:
         """Set the needs-check flag in the superblock of the last commit, in place.
