@@ -7,10 +7,13 @@ loader stops at the first bad page); each invariant of the durable format
 block, a broken time model) and *leaks* when space is merely unaccounted for —
 thin-provisioning-tools' distinction.  Either makes ``check`` exit 1.
 
-``repair`` picks the newest commit whose pages all verify (falling back to the
-one before when the latest is damaged), or salvages what can be read from the
-newest one, recomputes reference counts and mapped-block counts, and writes
-the result as a fresh metadata file; the old one is kept as
+``repair`` is thin_repair's shape: a tolerant read, then restore.  It picks
+the newest commit whose pages all verify (falling back to the one before when
+the latest is damaged), or salvages what can be read from the newest one; it
+turns that into device records and mapping trees (shared subtrees stay
+shared), applies the journal, restores the time model, and writes them with
+``MetadataStore.write_new`` as restore does (reference and mapped-block counts
+recomputed from the trees there).  The old file is kept as
 ``metadata.damaged``.
 """
 
@@ -44,10 +47,9 @@ from fusepool.metadata.format import (
     decode_root,
     unpack_page,
 )
-from fusepool.metadata.journal import Journal
-from fusepool.metadata.spacemap import DataSpaceMap
+from fusepool.metadata.journal import Journal, validate_record
 from fusepool.metadata.store import MetadataStore, read_superblocks
-from fusepool.metadata.tree import Node, Tree, height_for
+from fusepool.metadata.tree import Node, Tree, WritableLeafCursor, height_for
 
 log = logging.getLogger(__name__)
 
@@ -421,29 +423,10 @@ def check_journal(checker: Checker, path: str) -> None:
     if not records:
         return
     sizes = {d["dev_id"]: d["size"] for d in checker.state["devices"]}
-    mappings = 0
     for record in records:
-        if record.time != sb.time:
-            checker.problem("journal", f"journal record {record.seq} has pool time {record.time}, "
-                            f"the commit {sb.time}")
-        for dev_id, size, _mtime in record.devices:
-            if dev_id not in sizes:
-                checker.problem("journal", f"journal record {record.seq} names device {dev_id}, "
-                                "which does not exist")
-            else:
-                sizes[dev_id] = max(sizes[dev_id], size)
-        words = record.mappings
-        for i in range(0, len(words), 3):
-            dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
-            blocks = max(1, -(-sizes.get(dev_id, 0) // checker.block_size))
-            if dev_id not in sizes or vb >= blocks:
-                checker.problem("journal", f"journal record {record.seq} maps block {vb} of device "
-                                f"{dev_id}, outside every volume")
-            elif entry != UNMAPPED and (entry >> TIME_BITS >= sb.nr_data_blocks
-                                        or entry & TIME_MASK > sb.time & TIME_MASK):
-                checker.problem("journal", f"journal record {record.seq} maps block {vb} of device "
-                                f"{dev_id} to an invalid entry {entry:#x}")
-        mappings += record.nr_mappings
+        for problem in validate_record(record, sizes, checker.block_size, sb.nr_data_blocks, sb.time):
+            checker.problem("journal", f"journal {problem}")
+    mappings = sum(record.nr_mappings for record in records)
     report.notes.append(f"journal: {len(records)} record(s), {mappings} mapping change(s) synced "
                         f"after transaction {sb.transaction_id}; replayed when the pool opens")
 
@@ -505,53 +488,27 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
     config, fd = _open_checked(pool_dir)
     said: list[str] = []
     try:
-        candidates = sorted(((sb.transaction_id, slot) for slot, sb in read_superblocks(fd)
-                             if isinstance(sb, Superblock)), reverse=True)
-        if not candidates:
-            raise Corrupt("no valid superblock: nothing to rebuild from")
-        chosen = None
-        for txn, slot in candidates:
-            checker = Checker(fd, config.block_size, slot, progress)
-            report = checker.run()
-            structural = [p for p in report.problems if p.kind in ("checksum", "superblock", "root", "node")]
-            if not structural and checker.state is not None:
-                chosen = checker
-                if txn != candidates[0][0]:
-                    said.append(f"the newest commit (transaction {candidates[0][0]}) is damaged; "
-                                f"rebuilt from transaction {txn}")
-                break
-        if chosen is None:
-            # Salvage: the newest commit with a readable root record, minus its damaged subtrees.
-            for txn, slot in candidates:
-                checker = Checker(fd, config.block_size, slot, progress)
-                checker.run()
-                if checker.state is not None:
-                    chosen = checker
-                    said.append(f"both commits are damaged; salvaging transaction {txn}")
-                    break
-            if chosen is None:
-                raise Corrupt("no commit has a readable device table: nothing to rebuild from")
+        # 1. The tolerant read: the best commit, as far as it can be read.
+        chosen, newest = _best_commit(fd, config.block_size, progress, said)
         fixed = [p.message for p in chosen.report.problems]
+        # 2. What it read as device records and trees (restore's input too), made whole:
+        # the journal's records applied, the time model reset, every mapping inside its device.
         state, roots = _rebuild(chosen, said)
         sb = chosen.sb
-        newest = candidates[0][0]
         _replay_journal(pool_dir, chosen, state, roots, newest, said)
         pool_time = _repair_times(state, roots, sb.time, said)
         _cover_mappings(state, roots, sb.block_size, said)
         if sb.uuid != config.uuid:  # pool.json is the pool's identity (the journal is keyed by it)
             said.append(f"the metadata's uuid {sb.uuid} differed from pool.json's: set to {config.uuid}")
-        new_sb = Superblock(config.uuid, sb.transaction_id, pool_time, sb.block_size,
-                            sb.nr_data_blocks, sb.nr_meta_pages)
-
-        counts = array("I", bytes(4 * sb.nr_data_blocks))
-        seen: set[int] = set()
-        for root in roots.values():
-            if root is not None:
-                _count_leaves(root, counts, seen)
+        # 3. Written as restore writes a pool (reference and mapped counts from the trees),
+        # then swapped in.
         new_path = os.path.join(pool_dir, METADATA + ".repair")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(new_path)
-        _write_fresh(new_path, new_sb, state, roots, counts)
+        new_txn = sb.transaction_id + 1
+        MetadataStore.write_new(new_path, uuid=config.uuid, transaction_id=new_txn, time=pool_time,
+                                block_size=sb.block_size, nr_data_blocks=sb.nr_data_blocks,
+                                nr_meta_pages=sb.nr_meta_pages, state=state, roots=roots)
         # The journal goes once the new metadata is in place (its records are in it, or
         # dropped above).  Rebuilt from the newest commit, the new transaction is newer
         # than any record's base, so the records could not replay on top of it even if a
@@ -571,11 +528,42 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         _truncate_journal(pool_dir)
         for message in fixed:
             said.append(f"fixed: {message}")
-        said.append(f"wrote new metadata at transaction {new_sb.transaction_id + 1}; the old file "
+        said.append(f"wrote new metadata at transaction {new_txn}; the old file "
                     f"is kept as {METADATA}.damaged")
         return said
     finally:
         os.close(fd)
+
+
+def _best_commit(fd: int, block_size: int, progress: Progress | None,
+                 said: list[str]) -> tuple[Checker, int]:
+    """The checker of the commit to rebuild from, and the newest commit's transaction id.
+
+    The newest commit whose structure reads whole, else the newest whose
+    device table reads (salvaged: its unreadable subtrees are dropped).
+    """
+    candidates = sorted(((sb.transaction_id, slot) for slot, sb in read_superblocks(fd)
+                         if isinstance(sb, Superblock)), reverse=True)
+    if not candidates:
+        raise Corrupt("no valid superblock: nothing to rebuild from")
+    newest = candidates[0][0]
+    for txn, slot in candidates:
+        checker = Checker(fd, block_size, slot, progress)
+        report = checker.run()
+        structural = [p for p in report.problems if p.kind in ("checksum", "superblock", "root", "node")]
+        if not structural and checker.state is not None:
+            if txn != newest:
+                said.append(f"the newest commit (transaction {newest}) is damaged; "
+                            f"rebuilt from transaction {txn}")
+            return checker, newest
+    # Salvage: the newest commit with a readable root record, minus its damaged subtrees.
+    for txn, slot in candidates:
+        checker = Checker(fd, block_size, slot, progress)
+        checker.run()
+        if checker.state is not None:
+            said.append(f"both commits are damaged; salvaging transaction {txn}")
+            return checker, newest
+    raise Corrupt("no commit has a readable device table: nothing to rebuild from")
 
 
 def _replay_journal(pool_dir: str, checker: Checker, state: dict, roots: dict, newest_txn: int,
@@ -602,13 +590,13 @@ def _replay_journal(pool_dir: str, checker: Checker, state: dict, roots: dict, n
         return 0
     bs = checker.block_size
     devices = {d["dev_id"]: d for d in state["devices"]}
-    tree = Tree(lambda block: None, lambda block: None, lambda page: None)  # counts come later
+    sizes = {dev_id: d["size"] for dev_id, d in devices.items()}
+    tree = Tree(lambda block: None, lambda block: None, lambda page: None)  # write_new counts
     applied = mappings = 0
     for record in records:
-        problem = _record_problem(record, devices, sb, bs)
-        if problem:
-            said.append(f"dropped {len(records) - applied} journal record(s) from record "
-                        f"{record.seq} on: {problem}")
+        problems = validate_record(record, sizes, bs, sb.nr_data_blocks, sb.time)
+        if problems:
+            said.append(f"dropped {len(records) - applied} journal record(s): {problems[0]}")
             break
         for dev_id, size, mtime_ns in record.devices:
             dev = devices[dev_id]
@@ -617,16 +605,18 @@ def _replay_journal(pool_dir: str, checker: Checker, state: dict, roots: dict, n
                 roots[dev_id] = tree.grow(roots.get(dev_id), _blocks(size, bs))
             dev["mtime"] = mtime_ns / 1e9
         words = record.mappings
+        changes: dict[int, list[tuple[int, int]]] = {}
         for i in range(0, len(words), 3):
-            dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
-            level = height_for(_blocks(devices[dev_id]["size"], bs))
-            roots[dev_id], leaf = tree.writable_leaf(roots.get(dev_id), level, vb // FANOUT)
-            leaf.entries[vb % FANOUT] = entry
+            changes.setdefault(words[i], []).append((words[i + 1], words[i + 2]))
+        for dev_id, dev_changes in changes.items():
+            cursor = WritableLeafCursor(tree, roots.get(dev_id),
+                                        height_for(_blocks(devices[dev_id]["size"], bs)))
+            for vb, entry in dev_changes:
+                cursor.leaf_for(vb).entries[vb % FANOUT] = entry
+            roots[dev_id] = cursor.root
         applied += 1
         mappings += record.nr_mappings
     if applied:
-        for dev in state["devices"]:
-            dev["mapped_blocks"] = _count_mapped(roots.get(dev["dev_id"]))
         said.append(f"replayed {applied} journal record(s), {mappings} mapping change(s) synced "
                     f"after transaction {newest_txn}")
     return applied
@@ -634,27 +624,6 @@ def _replay_journal(pool_dir: str, checker: Checker, state: dict, roots: dict, n
 
 def _blocks(size: int, block_size: int) -> int:
     return max(1, -(-size // block_size))
-
-
-def _record_problem(record, devices: dict, sb: Superblock, block_size: int) -> str | None:
-    """Why a journal record cannot apply to the rebuilt commit, or None."""
-    if record.time != sb.time:
-        return f"pool time {record.time}, the commit's is {sb.time}"
-    sizes = {}
-    for dev_id, size, _mtime in record.devices:
-        if dev_id not in devices:
-            return f"it names device {dev_id}, which does not exist"
-        sizes[dev_id] = max(devices[dev_id]["size"], size)
-    words = record.mappings
-    for i in range(0, len(words), 3):
-        dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
-        size = sizes.get(dev_id, devices[dev_id]["size"] if dev_id in devices else None)
-        if size is None or vb >= _blocks(size, block_size):
-            return f"it maps block {vb} of device {dev_id}, outside every volume"
-        if entry != UNMAPPED and (entry >> TIME_BITS >= sb.nr_data_blocks
-                                  or entry & TIME_MASK > sb.time & TIME_MASK):
-            return f"it maps block {vb} of device {dev_id} to an invalid entry {entry:#x}"
-    return None
 
 
 def _truncate_journal(pool_dir: str) -> None:
@@ -712,27 +681,11 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
         if lost:
             said.append(f"device {dev['dev_id']} ({dev['name']}): {lost} unreadable node page(s) dropped; "
                         "those ranges now read as zeros")
-        dev = _normalised_record(dev)
-        dev["mapped_blocks"] = _count_mapped(root)
-        devices.append(dev)
+        devices.append(_normalised_record(dev))
         roots[dev["dev_id"]] = root
     state = dict(checker.state)
     state["devices"] = devices
     return state, roots
-
-
-def _all_leaves(roots: dict):
-    seen: set[int] = set()
-    for dev_id, root in roots.items():
-        stack = [(root, 0)] if root is not None else []
-        while stack:
-            node, base = stack.pop()
-            if node.level == 0:
-                yield dev_id, base, node, id(node) in seen
-                seen.add(id(node))
-                continue
-            span = FANOUT ** node.level
-            stack.extend((c, base + i * span) for i, c in enumerate(node.entries) if c is not None)
 
 
 def _repair_times(state: dict, roots: dict, pool_time: int, said: list[str]) -> int:
@@ -744,10 +697,9 @@ def _repair_times(state: dict, roots: dict, pool_time: int, said: list[str]) -> 
     next write, which is always safe.
     """
     newest = pool_time
-    for _, _, leaf, _ in _all_leaves(roots):
-        for entry in leaf.entries:
-            if entry != UNMAPPED:
-                newest = max(newest, entry & TIME_MASK)
+    for root in roots.values():
+        for _, leaf, _ in Tree.leaves(root):
+            newest = max(newest, max((e & TIME_MASK for e in leaf.entries if e != UNMAPPED), default=0))
     # Always reset: a mapping time that verifies but is wrong is otherwise invisible here.
     pool_time = min(newest + 1, TIME_MASK)
     for dev in state["devices"]:
@@ -761,11 +713,12 @@ def _repair_times(state: dict, roots: dict, pool_time: int, said: list[str]) -> 
 def _cover_mappings(state: dict, roots: dict, block_size: int, said: list[str]) -> None:
     """Grow a device whose tree maps blocks past its size, rather than drop data."""
     last: dict[int, int] = {}
-    for dev_id, base, leaf, _ in _all_leaves(roots):
-        for slot in range(FANOUT - 1, -1, -1):
-            if leaf.entries[slot] != UNMAPPED:
-                last[dev_id] = max(last.get(dev_id, -1), base + slot)
-                break
+    for dev_id, root in roots.items():
+        for index, leaf, _ in Tree.leaves(root):
+            for slot in range(FANOUT - 1, -1, -1):
+                if leaf.entries[slot] != UNMAPPED:
+                    last[dev_id] = index * FANOUT + slot  # (leaves come in order)
+                    break
     for dev in state["devices"]:
         end = (last.get(dev["dev_id"], -1) + 1) * block_size
         if end > dev["size"]:
@@ -803,38 +756,3 @@ def _lost_subtrees(checker: Checker, root_page: int) -> int:
         if info is not None and info.level:
             stack.extend(c for c in info.entries if c)
     return lost
-
-
-def _count_mapped(root: Node | None) -> int:
-    if root is None:
-        return 0
-    if root.level == 0:
-        return FANOUT - root.entries.count(UNMAPPED)
-    return sum(_count_mapped(c) for c in root.entries if c is not None)
-
-
-def _count_leaves(node: Node, counts: array, seen: set) -> None:
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    if node.level == 0:
-        for entry in node.entries:
-            if entry != UNMAPPED:
-                counts[entry >> TIME_BITS] += 1
-    else:
-        for child in node.entries:
-            if child is not None:
-                _count_leaves(child, counts, seen)
-
-
-def _write_fresh(path: str, sb: Superblock, state: dict, roots: dict, counts: array) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, sb.nr_meta_pages * PAGE_SIZE)
-        store = MetadataStore(path, fd, sb)
-        spacemap = DataSpaceMap(sb.nr_data_blocks, counts)
-        store.spacemap_pages = [0] * spacemap.nr_pages
-        spacemap.dirty_pages = set(range(spacemap.nr_pages))
-        store.commit(state, roots, spacemap, sb.time, sb.nr_data_blocks, flags=0)
-    finally:
-        os.close(fd)

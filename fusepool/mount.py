@@ -16,10 +16,10 @@ import pyfuse3
 import trio
 
 from fusepool import commands
-from fusepool.autoextend import run_hook
 from fusepool.control import Held
 from fusepool.control_server import ControlServer
 from fusepool.engine import Pool
+from fusepool.engine.space import run_hook
 from fusepool.errors import InvalidArgument, NotMounted, PoolBusy, PoolError, UsageError
 from fusepool.fs import FusepoolOperations
 from fusepool.fuse_errors import init_fuse

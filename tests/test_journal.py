@@ -17,7 +17,7 @@ from fusepool.config import JOURNAL
 from fusepool.engine import Pool
 from fusepool.errors import Corrupt
 from fusepool.metadata import journal as journal_format
-from fusepool.metadata.format import UNMAPPED
+from fusepool.metadata.format import MAX_VOLUME_SIZE, TIME_BITS, UNMAPPED
 
 BS = 64 << 10
 
@@ -215,3 +215,74 @@ def test_a_commit_between_a_flushs_prepare_and_its_io_supersedes_the_record(tmp_
     crash(pool)
     with Pool.open(path) as pool:
         assert contents(pool) == want
+
+
+# --- one rule for replay, check and repair: validate_record --------------------------------
+
+NR_BLOCKS = (64 << 20) // BS  # new_pool's data blocks
+VOLUME = 4 * BS
+
+
+def record_of(devices, mappings, seq=0, time=0):
+    return journal_format.Record(seq, time, devices, array("Q", mappings))
+
+
+# (devices, mappings, time) of a record against a pool whose volume 1 has VOLUME bytes, and
+# what validate_record says about it.
+BAD_RECORDS = {
+    "pool time": ([], [], 1, "has pool time 1, the commit's is 0"),
+    "no such device": ([(99, BS, 0)], [], 0, "names device 99, which does not exist"),
+    "grown too far": ([(1, MAX_VOLUME_SIZE + 1, 0)], [], 0, "grows device 1 to"),
+    "block past the end": ([], [1, 4, UNMAPPED], 0, "maps block 4 of device 1, outside every volume"),
+    "mapping of no device": ([], [99, 0, UNMAPPED], 0, "maps block 0 of device 99, outside every"),
+    "data block past the pool": ([], [1, 0, NR_BLOCKS << TIME_BITS], 0, "to an invalid entry"),
+    "mapped after the pool time": ([], [1, 0, 1], 0, "to an invalid entry 0x1"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_validate_record_names_each_kind_of_bad_record(kind):
+    devices, mappings, time, reason = BAD_RECORDS[kind]
+    problems = journal_format.validate_record(record_of(devices, mappings, time=time), {1: VOLUME},
+                                              BS, NR_BLOCKS, 0)
+    assert len(problems) == 1 and reason in problems[0], problems
+
+
+def test_validate_record_follows_sizes_from_record_to_record():
+    """A record that grows a device makes its new blocks valid for itself and the records after it."""
+    sizes = {1: VOLUME}
+    grow = record_of([(1, 2 * VOLUME, 0)], [1, 5, UNMAPPED])
+    assert journal_format.validate_record(grow, sizes, BS, NR_BLOCKS, 0) == []
+    assert sizes == {1: 2 * VOLUME}
+    later = record_of([], [1, 7, 3 << TIME_BITS], seq=1)
+    assert journal_format.validate_record(later, sizes, BS, NR_BLOCKS, 0) == []
+    # every reason of a record is named, not only the first
+    worse = record_of([(98, 0, 0)], [1, 8 * 4, UNMAPPED, 1, 0, 1], seq=2, time=5)
+    assert len(journal_format.validate_record(worse, sizes, BS, NR_BLOCKS, 0)) == 4
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_replay_check_and_repair_refuse_a_bad_record_for_the_same_reason(tmp_path, kind):
+    """The engine refuses to open, check reports it, repair drops it: one rule, one reason."""
+    devices, mappings, time, reason = BAD_RECORDS[kind]
+    path = new_pool(tmp_path)
+    with Pool.open(path) as pool:
+        v = pool.create_volume("v", VOLUME)
+        assert v.dev_id == 1
+        pool.write(v.dev_id, 0, pattern(1, BS))
+        pool.commit()
+        sb = pool.store.superblock
+        uuid = pool._uuid_bytes
+    assert sb.time == 0
+    record = journal_format.encode(uuid, sb.transaction_id, 0, time, devices, array("Q", mappings))
+    with open(os.path.join(path, JOURNAL), "wb") as f:
+        f.write(record)
+    with pytest.raises(Corrupt, match="journal") as refused:
+        Pool.open(path)
+    assert reason in str(refused.value)
+    assert any(p.kind == "journal" and reason in p.message for p in check_pool(path).problems)
+    said = repair(path)
+    assert any("dropped 1 journal record" in line and reason in line for line in said), said
+    assert check_pool(path).ok
+    with Pool.open(path) as pool:
+        assert pool.read(pool.volume("v").dev_id, 0, BS) == pattern(1, BS)

@@ -21,8 +21,7 @@ import pytest
 from conftest import check_blocks, fusepool_json, read_all, run_fusepool
 from test_space import check_clean, wait_for, write_fully
 
-from fusepool import autoextend
-from fusepool.engine import Pool
+from fusepool.engine import Pool, space
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB
@@ -271,12 +270,12 @@ def test_autoextend_stops_at_max_data_size(make_pool, make_mount):
 
 def test_autoextend_rules_and_one_large_write(tmp_path):
     """The growth arithmetic; and a single write far larger than the free space (engine, no FUSE)."""
-    assert autoextend.trigger_blocks(100, 80) == 80 and autoextend.trigger_blocks(3, 50) == 2
-    assert autoextend.target_blocks(100, 79, 80, 20, 10**9) == 100  # below the threshold
-    assert autoextend.target_blocks(100, 80, 80, 20, 10**9) == 120  # one step: 80 < 96
-    assert autoextend.target_blocks(100, 100, 80, 10, 10**9) == 134  # 110, 121, 134: under 80 %
-    assert autoextend.target_blocks(100, 100, 80, 20, 110) == 110  # capped
-    assert autoextend.target_blocks(100, 100, 80, 20, 90) == 100  # never shrinks
+    assert space.trigger_blocks(100, 80) == 80 and space.trigger_blocks(3, 50) == 2
+    assert space.target_blocks(100, 79, 80, 20, 10**9) == 100  # below the threshold
+    assert space.target_blocks(100, 80, 80, 20, 10**9) == 120  # one step: 80 < 96
+    assert space.target_blocks(100, 100, 80, 10, 10**9) == 134  # 110, 121, 134: under 80 %
+    assert space.target_blocks(100, 100, 80, 20, 110) == 110  # capped
+    assert space.target_blocks(100, 100, 80, 20, 90) == 100  # never shrinks
     path = str(tmp_path / "pool")
     Pool.create(path, data_size=8 * MiB, metadata_size=4 * MiB, min_free_space=0,
                 autoextend_threshold=80, autoextend_percent=25)

@@ -35,7 +35,6 @@ import threading
 import time as wallclock
 import uuid as uuidlib
 
-from fusepool import autoextend
 from fusepool.config import (
     DATA,
     JOURNAL,
@@ -56,7 +55,15 @@ from fusepool.engine.device import (
     validate_block_size,
     validate_name,
 )
-from fusepool.engine.space import SpacePolicy, min_metadata_pages
+from fusepool.engine.space import (
+    AUTOEXTEND_OFF,
+    SpacePolicy,
+    min_metadata_pages,
+    parse_grow_percent,
+    parse_threshold,
+    untrusted_config,
+    validate_space_settings,
+)
 from fusepool.engine.stats import Statistics
 from fusepool.engine.txn import Health, Transaction, Transactions
 from fusepool.errors import (
@@ -77,7 +84,6 @@ from fusepool.metadata.format import (
     PAGE_SIZE,
     TIME_BITS,
     UNMAPPED,
-    Superblock,
 )
 from fusepool.metadata.journal import Journal
 from fusepool.metadata.spacemap import DataSpaceMap
@@ -101,7 +107,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
                min_free_space: float = 10.0, skip_block_zeroing: bool = False,
                no_space_timeout: float = 0.0, mode: str | None = None,
                data_device: str | None = None, preallocate: bool = False, force: bool = False,
-               autoextend_threshold: float = autoextend.OFF, autoextend_percent: float = 20.0,
+               autoextend_threshold: float = AUTOEXTEND_OFF, autoextend_percent: float = 20.0,
                max_data_size: int = 0, low_water_mark: int = 0,
                on_low_water: str | None = None, zero_detection: bool = False) -> int:
         """Make a new pool directory (or fill an empty existing one); returns its data size.
@@ -150,10 +156,10 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
                              f"{nr_blocks} data blocks: use at least {bytes_size(needed * PAGE_SIZE)}")
         if metadata_size > MAX_METADATA_SIZE:
             raise UsageError(f"metadata size is limited to {bytes_size(MAX_METADATA_SIZE)}")
-        autoextend_threshold = autoextend.parse_threshold(autoextend_threshold)
-        autoextend_percent = autoextend.parse_grow_percent(autoextend_percent)
-        autoextend.validate(mode, nr_blocks, block_size, autoextend_threshold, autoextend_percent,
-                            max_data_size, low_water_mark, on_low_water)
+        autoextend_threshold = parse_threshold(autoextend_threshold)
+        autoextend_percent = parse_grow_percent(autoextend_percent)
+        validate_space_settings(mode, nr_blocks, block_size, autoextend_threshold, autoextend_percent,
+                                max_data_size, low_water_mark, on_low_water)
         if os.path.exists(path):
             if not os.path.isdir(path):
                 raise UsageError(f"{path} exists and is not a directory")
@@ -169,9 +175,9 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
                 DirectDataStore.create_preallocated(os.path.join(path, DATA), nr_blocks * block_size)
             elif not data_device:
                 DataStore.create(os.path.join(path, DATA), nr_blocks * block_size)
-            sb = Superblock(uuid, 0, 0, block_size, nr_blocks, nr_pages,
-                            root_len=0, root_checksum=0, root_pages=[])
-            MetadataStore.create(os.path.join(path, METADATA), sb, nr_blocks)
+            MetadataStore.write_new(os.path.join(path, METADATA), uuid=uuid, transaction_id=1, time=0,
+                                    block_size=block_size, nr_data_blocks=nr_blocks,
+                                    nr_meta_pages=nr_pages)
             Journal.create(os.path.join(path, JOURNAL))
             PoolConfig(uuid, block_size, base_size, min_free_space, skip_block_zeroing,
                        no_space_timeout, mode, data_device=data_device, preallocated=preallocate,
@@ -204,7 +210,7 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         lock = PoolLock(path)
         try:
             # Judged before tightening: a pool.json others could write stays untrusted.
-            hook_refusal = autoextend.untrusted_config(path)
+            hook_refusal = untrusted_config(path)
             if not readonly:
                 tighten_pool_dir(path)
             pool = cls(path, config, lock, readonly, clear_needs_check)

@@ -26,9 +26,9 @@ from fusepool.errors import (
 from fusepool.metadata.format import (
     FANOUT,
     TIME_BITS,
-    TIME_MASK,
     UNMAPPED,
 )
+from fusepool.metadata.journal import validate_record
 from fusepool.metadata.store import CommitWrite
 from fusepool.metadata.tree import LeafCursor, WritableLeafCursor, height_for
 
@@ -375,11 +375,12 @@ class Transactions:
         if not records:
             return
         nr_mappings = sum(r.nr_mappings for r in records)
+        sizes = {dev_id: dev.size for dev_id, dev in self.devices.items()}
         try:
             for record in records:
-                if record.time != self.time:
-                    raise Corrupt(f"record {record.seq} has pool time {record.time}, the commit "
-                                  f"{self.time}")
+                problems = validate_record(record, sizes, self.block_size, self.nr_blocks, self.time)
+                if problems:
+                    raise Corrupt(problems[0])
                 self._apply_record(record)
         except Corrupt as exc:
             raise Corrupt(f"the journal of pool {self.path} does not apply to its metadata ({exc}); "
@@ -389,10 +390,9 @@ class Transactions:
         self.transaction.take_remapped()  # (durable in the journal already)
 
     def _apply_record(self, record) -> None:
+        """Apply a record that validate_record has passed."""
         for dev_id, size, mtime_ns in record.devices:
-            dev = self.devices.get(dev_id)
-            if dev is None:
-                raise Corrupt(f"record {record.seq} names device {dev_id}, which does not exist")
+            dev = self.devices[dev_id]
             if size > dev.size:
                 self._grow_device(dev, size)
             dev.mtime = mtime_ns / 1e9
@@ -400,13 +400,6 @@ class Transactions:
         changes: dict[int, list[tuple[int, int]]] = {}
         for i in range(0, len(words), 3):
             dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
-            dev = self.devices.get(dev_id)
-            if dev is None or vb >= self._blocks_for(dev.size):
-                raise Corrupt(f"record {record.seq} maps block {vb} of device {dev_id}, "
-                              "outside every volume")
-            if entry != UNMAPPED and (entry >> TIME_BITS >= self.nr_blocks
-                                      or entry & TIME_MASK > self.time & TIME_MASK):
-                raise Corrupt(f"record {record.seq} maps to an invalid entry {entry:#x}")
             changes.setdefault(dev_id, []).append((vb, entry))
         for dev_id, dev_changes in changes.items():
             self._set_entries(self.devices[dev_id], dev_changes)

@@ -406,14 +406,12 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
     named by its decimal dev_id and sized to cover its highest mapped block.
     """
     import uuid as uuidlib
-    from array import array
 
     from fusepool.config import DATA, METADATA, PoolConfig
     from fusepool.engine import MAX_METADATA_SIZE, min_metadata_pages, validate_name
-    from fusepool.metadata.format import FANOUT, PAGE_SIZE, TIME_BITS, Superblock
-    from fusepool.metadata.spacemap import DataSpaceMap
+    from fusepool.metadata.format import FANOUT, PAGE_SIZE
     from fusepool.metadata.store import MetadataStore
-    from fusepool.metadata.tree import Tree, height_for
+    from fusepool.metadata.tree import Tree, WritableLeafCursor, height_for, pack
 
     bs = ir.block_size
     try:  # a file or a block device: a directory or a FIFO is refused before it is opened
@@ -429,10 +427,8 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
     if os.path.exists(pool_dir) and (not os.path.isdir(pool_dir) or os.listdir(pool_dir)):
         raise UsageError(f"{pool_dir} exists and is not an empty directory")
 
-    counts = array("I", bytes(4 * ir.nr_data_blocks))
-    tree = Tree(lambda b: None, lambda b: None, lambda p: None)
+    tree = Tree(lambda b: None, lambda b: None, lambda p: None)  # (write_new counts references)
     roots, records, given = {}, [], []
-    total_leaves = 0
     for dev in ir.devices:
         side = names.get(dev.dev_id, {})
         if not isinstance(side, dict):
@@ -447,24 +443,17 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
                              f"{MAX_VOLUME_SIZE}")
         if last_vb >= 0 and last_vb * bs >= size:
             raise UsageError(f"device {dev.dev_id}: size {size} does not cover its mapped block {last_vb}")
-        level = height_for(max(1, (size + bs - 1) // bs))
-        root, leaf_index, leaf, mapped = None, -1, None, 0
+        cursor = WritableLeafCursor(tree, None, height_for(max(1, (size + bs - 1) // bs)))
         for vb, db, t in sorted(dev.mappings()):
-            if vb // FANOUT != leaf_index:
-                leaf_index = vb // FANOUT
-                root, leaf = tree.writable_leaf(root, level, leaf_index)
-                total_leaves += 1
-            leaf.entries[vb % FANOUT] = (db << TIME_BITS) | t
-            counts[db] += 1
-            mapped += 1
-        roots[dev.dev_id] = root
+            cursor.leaf_for(vb).entries[vb % FANOUT] = pack(db, t)
+        roots[dev.dev_id] = cursor.root
         records.append({"dev_id": dev.dev_id, "name": name, "size": size,
                         "creation_time": dev.creation_time, "snap_time": dev.snap_time,
                         "transaction": dev.transaction, "created": 0.0, "origin": None,
-                        "mapped_blocks": mapped, "mtime": 0.0, "deleted": False, "root": 0})
+                        "mtime": 0.0, "deleted": False})  # (mapped_blocks: write_new counts them)
         given.append(name)
 
-    pages = min_metadata_pages(ir.nr_data_blocks) + 2 * total_leaves + 1024
+    pages = min_metadata_pages(ir.nr_data_blocks) + 2 * tree.dirtied + 1024  # (dirtied: new nodes)
     if metadata_size is None:
         metadata_size = max(pages * PAGE_SIZE, 64 << 20)
     if metadata_size // PAGE_SIZE < pages or metadata_size > MAX_METADATA_SIZE:
@@ -484,20 +473,10 @@ def restore(ir: MetadataIR, names: dict[int, dict], data_path: str, pool_dir: st
         made.append(os.path.join(pool_dir, DATA))
         copy_sparse(data_path, made[-1])
         made.append(os.path.join(pool_dir, METADATA))
-        sb = Superblock(uuid, max(ir.transaction, 1) - 1, ir.time, bs, ir.nr_data_blocks,
-                        metadata_size // PAGE_SIZE)
-        fd = os.open(made[-1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, sb.nr_meta_pages * PAGE_SIZE)
-            store = MetadataStore(made[-1], fd, sb)
-            spacemap = DataSpaceMap(ir.nr_data_blocks, counts)
-            store.spacemap_pages = [0] * spacemap.nr_pages
-            spacemap.dirty_pages = set(range(spacemap.nr_pages))
-            state = {"next_dev_id": max([d.dev_id for d in ir.devices], default=0) + 1,
-                     "devices": records}
-            store.commit(state, roots, spacemap, ir.time, ir.nr_data_blocks, flags=0)
-        finally:
-            os.close(fd)
+        state = {"next_dev_id": max([d.dev_id for d in ir.devices], default=0) + 1, "devices": records}
+        MetadataStore.write_new(made[-1], uuid=uuid, transaction_id=max(ir.transaction, 1), time=ir.time,
+                                block_size=bs, nr_data_blocks=ir.nr_data_blocks,
+                                nr_meta_pages=metadata_size // PAGE_SIZE, state=state, roots=roots)
         made.append(os.path.join(pool_dir, "pool.json"))
         PoolConfig(uuid, bs).save(pool_dir)
     except BaseException:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from fusepool.metadata.format import MAX_VOLUME_SIZE, TIME_BITS, TIME_MASK, UNMAPPED
+
 _MAGIC = b"FPJ1"
 # magic, uuid, base transaction, sequence, pool time, devices, mappings, checksum
 HEADER = struct.Struct("<4s16sQQQIIQ")
@@ -78,6 +80,41 @@ def decode_all(raw: bytes, uuid: bytes, base_txn: int) -> list[Record]:
         records.append(Record(seq, time, devices, words[split:]))
         pos += size
     return records
+
+
+def validate_record(record: Record, sizes: dict[int, int], block_size: int, nr_data_blocks: int,
+                    pool_time: int) -> list[str]:
+    """Why ``record`` cannot apply to the commit it follows: every reason, or [] if it can.
+
+    The one rule for the engine's replay (which refuses the pool on the first
+    reason), ``check`` (which reports them all) and ``repair`` (which drops the
+    records from the first bad one on).  ``sizes`` holds each device's size in
+    bytes as the commit and the records before this one left it; it is
+    updated here to the sizes after this record (a record may grow a device),
+    so the caller passes the same dict record after record.
+    """
+    seq = record.seq
+    problems = []
+    if record.time != pool_time:
+        problems.append(f"record {seq} has pool time {record.time}, the commit's is {pool_time}")
+    for dev_id, size, _mtime_ns in record.devices:
+        if dev_id not in sizes:
+            problems.append(f"record {seq} names device {dev_id}, which does not exist")
+        elif size > MAX_VOLUME_SIZE:
+            problems.append(f"record {seq} grows device {dev_id} to {size} bytes, beyond the "
+                            f"largest volume size ({MAX_VOLUME_SIZE} bytes)")
+        else:
+            sizes[dev_id] = max(sizes[dev_id], size)
+    words = record.mappings
+    for i in range(0, len(words), MAPPING_FIELDS):
+        dev_id, vb, entry = words[i], words[i + 1], words[i + 2]
+        if dev_id not in sizes or vb >= max(1, -(-sizes[dev_id] // block_size)):
+            problems.append(f"record {seq} maps block {vb} of device {dev_id}, outside every volume")
+        elif entry != UNMAPPED and (entry >> TIME_BITS >= nr_data_blocks
+                                    or entry & TIME_MASK > pool_time & TIME_MASK):
+            problems.append(f"record {seq} maps block {vb} of device {dev_id} to an invalid entry "
+                            f"{entry:#x}")
+    return problems
 
 
 class Journal:

@@ -34,12 +34,15 @@ from fusepool.metadata.format import (
     PAGE_SIZE,
     PAGE_SPACEMAP,
     SUPERBLOCK_SLOTS,
+    TIME_BITS,
+    UNMAPPED,
     Superblock,
     decode_root,
     encode_root,
     pack_page,
     unpack_page,
 )
+from fusepool.metadata.spacemap import DataSpaceMap
 from fusepool.metadata.tree import Node
 
 log = logging.getLogger(__name__)
@@ -110,20 +113,41 @@ class MetadataStore:
     # --- creating and opening ------------------------------------------------
 
     @classmethod
-    def create(cls, path: str, superblock: Superblock, nr_data_blocks: int) -> None:
-        """Write a new, empty metadata file (one commit, transaction 1)."""
+    def write_new(cls, path: str, *, uuid: str, transaction_id: int, time: int, block_size: int,
+                  nr_data_blocks: int, nr_meta_pages: int, state: dict | None = None,
+                  roots: dict[int, Node | None] | None = None) -> None:
+        """Write a new metadata file holding one commit: ``transaction_id``, ``state``, ``roots``.
+
+        The one way a metadata file is made: by ``Pool.create`` (no devices),
+        by ``repair`` (the trees salvaged from a damaged file) and by
+        ``restore`` (the trees built from thin_dump XML).  ``state`` is the root
+        record (``{"devices": [...], ...}``); every node of ``roots`` is
+        written afresh (shared nodes once).  What follows from the trees is
+        computed here, never taken from the caller: the data blocks' reference
+        counts and each device's ``mapped_blocks``.  The file is created
+        (never overwritten) owner-only, and removed again if writing fails.
+        """
+        if transaction_id < 1:
+            raise ValueError(f"transaction id {transaction_id}: a commit's id is at least 1")
+        state = dict(state or {"devices": []})
+        roots = roots or {}
+        counts, mapped = _count_references(roots, nr_data_blocks)
+        state["devices"] = [dict(dev, mapped_blocks=mapped.get(dev["dev_id"], 0))
+                            for dev in state["devices"]]
+        sb = Superblock(uuid, transaction_id - 1, time, block_size, nr_data_blocks, nr_meta_pages)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, superblock.nr_meta_pages * PAGE_SIZE)
-            store = cls(path, fd, superblock)
-            store.spacemap_pages = [0] * ((nr_data_blocks + COUNTS_PER_PAGE - 1) // COUNTS_PER_PAGE)
-            from fusepool.metadata.spacemap import DataSpaceMap  # noqa: PLC0415
-
-            spacemap = DataSpaceMap(nr_data_blocks)
-            spacemap.dirty_pages = set(range(len(store.spacemap_pages)))
-            store.commit({"devices": []}, {}, spacemap, superblock.time, nr_data_blocks)
-        finally:
+            os.ftruncate(fd, nr_meta_pages * PAGE_SIZE)
+            store = cls(path, fd, sb)
+            spacemap = DataSpaceMap(nr_data_blocks, counts)
+            store.spacemap_pages = [0] * spacemap.nr_pages
+            spacemap.dirty_pages = set(range(spacemap.nr_pages))
+            store.commit(state, roots, spacemap, time, nr_data_blocks, flags=0)
+        except BaseException:
             os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
 
     @classmethod
     def open(cls, path: str, readonly: bool = False,
@@ -456,3 +480,32 @@ def _dirty_nodes(roots) -> list[Node]:
                     if child is not None and child.page is None and id(child) not in seen:
                         stack.append((child, False))
     return order
+
+
+def _count_references(roots: dict[int, Node | None], nr_data_blocks: int) -> tuple[array, dict[int, int]]:
+    """Each data block's reference count (leaves that map it, a shared leaf once) and
+    each device's mapped blocks (a shared subtree counted once, memoised)."""
+    counts = array("I", bytes(4 * nr_data_blocks))
+    per_node: dict[int, int] = {}  # id(node) -> mapped entries below it
+
+    def mapped_below(node: Node) -> int:
+        found = per_node.get(id(node))
+        if found is not None:
+            return found
+        if node.level == 0:
+            found = 0
+            for entry in node.entries:
+                if entry != UNMAPPED:
+                    block = entry >> TIME_BITS
+                    if block >= nr_data_blocks:
+                        raise ValueError(f"a mapping to data block {block}, beyond the pool's "
+                                         f"{nr_data_blocks}")
+                    counts[block] += 1
+                    found += 1
+        else:
+            found = sum(mapped_below(child) for child in node.entries if child is not None)
+        per_node[id(node)] = found
+        return found
+
+    mapped = {dev_id: mapped_below(root) if root is not None else 0 for dev_id, root in roots.items()}
+    return counts, mapped
