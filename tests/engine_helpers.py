@@ -1,0 +1,48 @@
+"""Helpers shared by the engine tests (tests/test_engine_*.py): small pools and fingerprints.
+
+The engine layer drives fusepool.engine.Pool directly, no FUSE; the model and
+the invariant checker are in engine_model.py.
+"""
+
+import random
+
+from fusepool.engine import Pool
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+BS = 64 * KiB
+
+
+def new_pool(tmp_path, name: str = "pool", **kw) -> str:
+    """Create a small pool (64 MiB data, 8 MiB metadata, 64 KiB blocks, no min free space)."""
+    args = {"data_size": 64 * MiB, "metadata_size": 8 * MiB, "block_size": BS, "min_free_space": 0}
+    args.update(kw)
+    path = str(tmp_path / name)
+    Pool.create(path, **args)
+    return path
+
+
+def pattern(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def mapping_of(pool, dev) -> dict[int, int]:
+    """virtual block -> data block."""
+    return {vb: block for vb, block, _ in pool.mappings(dev)}
+
+
+def pool_state(pool) -> dict:
+    """A fingerprint of everything observable, to check that a refused request changed nothing."""
+    return {
+        "names": sorted(pool.names),
+        "devices": {d.name: (d.dev_id, d.size, d.mapped_blocks, sorted(mapping_of(pool, d).items()))
+                    for d in pool.volumes()},
+        # Mapped blocks only (unmapped ones read as zeros by construction; volumes may be huge).
+        "contents": {d.name: {vb: pool.read(d.dev_id, vb * pool.block_size, pool.block_size)
+                              for vb in mapping_of(pool, d)} for d in pool.volumes()},
+        "txn": pool.transaction_id,
+        "used": pool.space.used,
+        "free": pool.space.free,
+        "time": pool.time,
+        "dirty": pool.dirty,
+        "failed": pool.failed,
+    }
