@@ -46,3 +46,11 @@ def pool_state(pool) -> dict:
         "dirty": pool.dirty,
         "failed": pool.failed,
     }
+
+
+def expect_logged(caplog, text: str) -> None:
+    """Assert that ``text`` was logged, and mark it expected (see conftest)."""
+    found = [r for r in caplog.get_records("call") if text in r.getMessage()]
+    assert found, f"expected a log record containing {text!r}"
+    for record in found:
+        record.expected = True

@@ -12,7 +12,7 @@ import contextlib
 import os
 
 import pytest
-from engine_helpers import BS, MiB, mapping_of, new_pool, pattern, pool_state
+from engine_helpers import BS, MiB, expect_logged, mapping_of, new_pool, pattern, pool_state
 from engine_model import check_invariants, crash
 
 from fusepool.engine import METADATA_RESERVE_PAGES, Pool, min_metadata_pages
@@ -281,14 +281,6 @@ def test_metadata_full_keeps_committed_data_across_a_crash(tmp_path):
             i = vb // FANOUT
             assert pool.read(v.dev_id, vb * BS, 9) == (f"leaf{i:05}".encode() if i else b"committed")
         check_invariants(pool)
-
-
-def expect_logged(caplog, text: str) -> None:
-    """Assert that ``text`` was logged, and mark it expected (see conftest)."""
-    found = [r for r in caplog.get_records("call") if text in r.getMessage()]
-    assert found, f"expected a log record containing {text!r}"
-    for record in found:
-        record.expected = True
 
 
 def _go_read_only(pool, nb):
