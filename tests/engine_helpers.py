@@ -1,12 +1,19 @@
-"""Helpers shared by the engine tests (tests/test_engine_*.py): small pools and fingerprints.
+"""Helpers for the tests that drive fusepool.engine.Pool in-process: small pools and fingerprints.
 
-The engine layer drives fusepool.engine.Pool directly, no FUSE; the model and
-the invariant checker are in engine_model.py.
+Used by the engine layer (tests/test_engine_*.py), the FUSE-handler layer
+(tests/test_fs_handlers.py) and the in-process fault tests (test_io_errors.py,
+test_zero_writes.py); the model and the invariant checker are in engine_model.py,
+the fault layer in faultfs.py, the fixtures for mounts in conftest.py.
 """
 
+import contextlib
+import os
 import random
 
+from faultfs import FaultFS
+
 from fusepool.engine import Pool
+from fusepool.metadata.store import read_superblocks
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BS = 64 * KiB
@@ -54,3 +61,23 @@ def expect_logged(caplog, text: str) -> None:
     assert found, f"expected a log record containing {text!r}"
     for record in found:
         record.expected = True
+
+
+def read_superblocks_of(path: str):
+    fd = os.open(os.path.join(path, "metadata"), os.O_RDONLY)
+    try:
+        return read_superblocks(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def tracked_pool(tmp_path, files=("data", "metadata", "journal"), **pool_args):
+    """A new pool (``new_pool``) whose ``files`` go through the fault layer: yields (fs, path).
+
+    The pool is tracked before anything opens it, as FaultFS requires.
+    """
+    path = new_pool(tmp_path, **pool_args)
+    with FaultFS(files) as fs:
+        fs.track(path)
+        yield fs, path

@@ -9,13 +9,13 @@ harmless.  No FUSE: fusepool.engine.Pool and the metadata store directly.
 import os
 
 import pytest
-from engine_helpers import BS, new_pool
+from engine_helpers import BS, new_pool, read_superblocks_of
 from engine_model import check_invariants
 
 from fusepool.engine import Pool
 from fusepool.errors import Corrupt
 from fusepool.metadata.format import FANOUT, PAGE_SIZE
-from fusepool.metadata.store import MetadataStore, read_superblocks
+from fusepool.metadata.store import MetadataStore
 from fusepool.metadata.tree import Tree
 
 
@@ -120,14 +120,6 @@ def test_corrupt_newest_superblock_falls_back_to_previous_commit(tmp_path):
         assert pool.read(v.dev_id, 2 * BS, 14) == b"after fallback"
         check_invariants(pool)
     assert all(not isinstance(sb, Exception) for _, sb in read_superblocks_of(path))
-
-
-def read_superblocks_of(path: str):
-    fd = os.open(os.path.join(path, "metadata"), os.O_RDONLY)
-    try:
-        return read_superblocks(fd)
-    finally:
-        os.close(fd)
 
 
 def test_both_superblocks_corrupt(tmp_path):

@@ -21,9 +21,8 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
-from engine_helpers import BS, MiB, expect_logged, new_pool, pattern, pool_state
+from engine_helpers import BS, MiB, expect_logged, new_pool, pattern, pool_state, tracked_pool
 from engine_model import check_invariants, crash
-from faultfs import FaultFS
 
 from fusepool.check import check_offline
 from fusepool.engine import CONTROL_NAME, MAX_VOLUME_SIZE, Pool
@@ -323,9 +322,7 @@ async def test_flush_at_close_does_not_commit(ops):
 
 
 async def test_fsync_after_a_failed_data_flush_is_eio_and_the_pool_turns_read_only(tmp_path, caplog):
-    path = new_pool(tmp_path, data_size=16 * BS, metadata_size=1 * MiB)
-    with FaultFS(("data", "metadata", "journal")) as fs:
-        fs.track(path)
+    with tracked_pool(tmp_path, data_size=16 * BS, metadata_size=1 * MiB) as (fs, path):
         pool = Pool.open(path)
         ops = FusepoolOperations(pool, no_space_timeout=0)
         pool.create_volume("v", 4 * BS)
