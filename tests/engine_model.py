@@ -217,11 +217,12 @@ def crash(pool) -> None:
 
     Data already pwritten stays in the host page cache (a process crash, not a
     power loss), so it is visible after reopening; only the metadata that was
-    not committed is lost.
+    not committed is lost.  Every descriptor goes, as with SIGKILL.
     """
-    pool.lock.release()
+    pool.journal.close()
     pool.data.close()
     pool.store.close()
+    pool.lock.release()
 
 
 def snapshot_models(models: dict[str, VolumeModel]) -> dict[str, VolumeModel]:

@@ -21,10 +21,13 @@ import os
 import random
 import stat
 
+import engine_helpers
 import pyfuse3
 import pytest
 import trio
 from conftest import read_all, run_fusepool
+from engine_helpers import BS, mapping_of, pattern, read_superblocks_of, tracked_pool
+from engine_model import crash
 from faultfs import FaultFS, write_image
 
 from fusepool.check import check_offline, check_pool, repair
@@ -33,39 +36,26 @@ from fusepool.engine import Pool
 from fusepool.errors import PoolError, ReadOnlyPool
 from fusepool.fs import INODE_BASE, FusepoolOperations
 from fusepool.metadata.format import FANOUT, FLAG_NEEDS_CHECK, PAGE_SIZE
-from fusepool.metadata.store import read_superblocks
 from fusepool.mount import Daemon
 
-BS = 64 << 10
 FILES = ("data", "metadata", "journal")
 
 
+SMALL = {"data_size": 8 << 20, "metadata_size": 2 << 20}
+
+
 def new_pool(tmp_path, name="pool", **kw) -> str:
-    args = {"data_size": 8 << 20, "metadata_size": 2 << 20, "block_size": BS, "min_free_space": 0}
-    path = str(tmp_path / name)
-    Pool.create(path, **args | kw)
-    return path
+    return engine_helpers.new_pool(tmp_path, name, **SMALL | kw)
 
 
-def pattern(seed: int, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def crash(pool: Pool) -> None:
-    """Drop an open pool on the floor: nothing more reaches its files."""
-    pool.journal.close()
-    pool.data.close()
-    pool.store.close()
-    pool.lock.release()
+def faulty_pool(tmp_path, files=FILES, **kw):
+    """``engine_helpers.tracked_pool`` with this module's small pool: ``with ... as (fs, path)``."""
+    return tracked_pool(tmp_path, files, **SMALL | kw)
 
 
 def newest_superblock(path: str):
-    fd = os.open(os.path.join(path, "metadata"), os.O_RDONLY)
-    try:
-        return max((sb for _, sb in read_superblocks(fd) if not isinstance(sb, Exception)),
-                   key=lambda sb: sb.transaction_id)
-    finally:
-        os.close(fd)
+    return max((sb for _, sb in read_superblocks_of(path) if not isinstance(sb, Exception)),
+               key=lambda sb: sb.transaction_id)
 
 
 def disk_image(fs: FaultFS, path: str, dest) -> str:
@@ -79,7 +69,7 @@ def allow_warnings(caplog) -> None:
 
 def phys(pool: Pool, dev, vb: int) -> int:
     """Byte offset in the data image of a volume's virtual block."""
-    return {v: b for v, b, _ in pool.mappings(dev)}[vb] * pool.block_size
+    return mapping_of(pool, dev)[vb] * pool.block_size
 
 
 # --- 1. a failed data flush ---------------------------------------------------------------
@@ -88,9 +78,7 @@ def phys(pool: Pool, dev, vb: int) -> int:
 @pytest.mark.parametrize("how", ["sync", "commit"])
 def test_failed_data_flush_fails_the_pool_and_commits_nothing(tmp_path, caplog, how, err):
     allow_warnings(caplog)
-    path = new_pool(tmp_path)
-    with FaultFS(FILES) as fs:
-        fs.track(path)
+    with faulty_pool(tmp_path) as (fs, path):
         pool = Pool.open(path)
         v = pool.create_volume("v", 16 * BS)
         pool.write(v.dev_id, 0, pattern(1, 2 * BS))
@@ -159,9 +147,7 @@ def test_failed_data_flush_fails_the_pool_and_commits_nothing(tmp_path, caplog, 
 
 
 def test_failed_journal_append_falls_back_to_a_commit(tmp_path):
-    path = new_pool(tmp_path)
-    with FaultFS(FILES) as fs:
-        fs.track(path)
+    with faulty_pool(tmp_path) as (fs, path):
         pool = Pool.open(path)
         v = pool.create_volume("v", 16 * BS)
         pool.commit()
@@ -182,9 +168,7 @@ def test_failed_journal_append_falls_back_to_a_commit(tmp_path):
 
 async def test_periodic_commits_stop_after_a_failed_flush(tmp_path, caplog):
     allow_warnings(caplog)
-    path = new_pool(tmp_path)
-    with FaultFS(FILES) as fs:
-        fs.track(path)
+    with faulty_pool(tmp_path) as (fs, path):
         pool = Pool.open(path)
         v = pool.create_volume("v", 16 * BS)
         pool.write(v.dev_id, 0, pattern(1, BS))
@@ -205,26 +189,23 @@ async def test_periodic_commits_stop_after_a_failed_flush(tmp_path, caplog):
 
 @pytest.mark.parametrize("mode", ["loop", "direct"])
 def test_a_short_read_is_eio_not_zeros(tmp_path, mode):
-    path = new_pool(tmp_path, mode=mode)
-    with FaultFS(("data", "metadata")) as fs:
-        fs.track(path)
-        with Pool.open(path) as pool:
-            v = pool.create_volume("v", 4 * BS)
-            data = pattern(1, 2 * BS)
-            pool.write(v.dev_id, 0, data)
-            pool.commit()
-            bad = phys(pool, v, 1) + 8192  # a media error inside the second block
-            fs.short_reads("data", bad, bad + 512)
-            with pytest.raises((OSError, PoolError)) as raised:
-                pool.read(v.dev_id, 0, 2 * BS)
-            assert raised.value.errno == errno.EIO
-            with pytest.raises((OSError, PoolError)) as raised:
-                pool.read(v.dev_id, BS + 8192, 10)
-            assert raised.value.errno == errno.EIO
-            assert pool.read(v.dev_id, 0, BS) == data[:BS]  # the rest of the volume reads
-            assert pool.failed is None  # a read error fails the read, not the pool (dm-thin)
-            fs.clear_read_faults()
-            assert pool.read(v.dev_id, 0, 2 * BS) == data
+    with faulty_pool(tmp_path, ("data", "metadata"), mode=mode) as (fs, path), Pool.open(path) as pool:
+        v = pool.create_volume("v", 4 * BS)
+        data = pattern(1, 2 * BS)
+        pool.write(v.dev_id, 0, data)
+        pool.commit()
+        bad = phys(pool, v, 1) + 8192  # a media error inside the second block
+        fs.short_reads("data", bad, bad + 512)
+        with pytest.raises((OSError, PoolError)) as raised:
+            pool.read(v.dev_id, 0, 2 * BS)
+        assert raised.value.errno == errno.EIO
+        with pytest.raises((OSError, PoolError)) as raised:
+            pool.read(v.dev_id, BS + 8192, 10)
+        assert raised.value.errno == errno.EIO
+        assert pool.read(v.dev_id, 0, BS) == data[:BS]  # the rest of the volume reads
+        assert pool.failed is None  # a read error fails the read, not the pool (dm-thin)
+        fs.clear_read_faults()
+        assert pool.read(v.dev_id, 0, 2 * BS) == data
 
 
 def test_a_read_past_the_end_of_the_data_file_is_zeros(tmp_path):
@@ -239,27 +220,24 @@ def test_a_read_past_the_end_of_the_data_file_is_zeros(tmp_path):
 
 
 def test_direct_mode_never_writes_back_after_a_short_read(tmp_path):
-    path = new_pool(tmp_path, mode="direct")
-    with FaultFS(("data", "metadata")) as fs:
-        fs.track(path)
-        with Pool.open(path) as pool:
-            v = pool.create_volume("v", 4 * BS)
-            data = pattern(1, BS)
-            pool.write(v.dev_id, 0, data)
-            pool.commit()
-            base = phys(pool, v, 0)
-            # An unaligned write reads its first and last sectors back first; make those reads short.
-            fs.short_reads("data", base + 4096, base + 4096 + 512)
-            events = []
-            fs.on_event = events.append
-            with pytest.raises((OSError, PoolError)) as raised:
-                pool.write(v.dev_id, 4096 + 100, b"patch")
-            assert raised.value.errno == errno.EIO
-            assert not [e for e in events if e.name == "data" and e.kind.startswith("pwrite")]
-            fs.on_event = None
-            fs.clear_read_faults()
-            assert pool.read(v.dev_id, 0, BS) == data
-            assert pool.failed is None
+    with faulty_pool(tmp_path, ("data", "metadata"), mode="direct") as (fs, path), Pool.open(path) as pool:
+        v = pool.create_volume("v", 4 * BS)
+        data = pattern(1, BS)
+        pool.write(v.dev_id, 0, data)
+        pool.commit()
+        base = phys(pool, v, 0)
+        # An unaligned write reads its first and last sectors back first; make those reads short.
+        fs.short_reads("data", base + 4096, base + 4096 + 512)
+        events = []
+        fs.on_event = events.append
+        with pytest.raises((OSError, PoolError)) as raised:
+            pool.write(v.dev_id, 4096 + 100, b"patch")
+        assert raised.value.errno == errno.EIO
+        assert not [e for e in events if e.name == "data" and e.kind.startswith("pwrite")]
+        fs.on_event = None
+        fs.clear_read_faults()
+        assert pool.read(v.dev_id, 0, BS) == data
+        assert pool.failed is None
     with open(os.path.join(path, "data"), "rb") as f:
         f.seek(base)
         assert f.read(BS) == data
@@ -356,10 +334,8 @@ def test_repair_replays_the_journal_before_dropping_it(tmp_path):
 # --- 5. rename over a volume: one commit ---------------------------------------------------------
 
 async def test_rename_over_a_volume_commits_once(tmp_path):
-    path = new_pool(tmp_path, data_size=2 << 20, metadata_size=1 << 20)
     images = []
-    with FaultFS(FILES) as fs:
-        fs.track(path)
+    with faulty_pool(tmp_path, data_size=2 << 20, metadata_size=1 << 20) as (fs, path):
         pool = Pool.open(path)
         a = pool.create_volume("a", 2 * BS)
         b = pool.create_volume("b", 2 * BS)

@@ -18,31 +18,23 @@ Engine level (no FUSE), plus the settings' CLI: ``init``, ``set``, ``info``.
 
 import json
 import os
-import random
 
+import engine_helpers
 import pytest
 from conftest import run_fusepool
+from engine_helpers import BS, MiB, mapping_of, pattern
 from engine_model import check_invariants
 
 from fusepool.config import CONFIG, BadConfig, PoolConfig
 from fusepool.engine import Pool
 from fusepool.errors import PoolFull
 
-KiB, MiB = 1 << 10, 1 << 20
-BS = 64 * KiB
-
 MODES = pytest.mark.parametrize("detect", [False, True], ids=["default", "zero-detection"])
 
 
-def new_pool(tmp_path, detect: bool) -> str:
-    path = str(tmp_path / "pool")
-    Pool.create(path, data_size=16 * MiB, metadata_size=4 * MiB, block_size=BS, min_free_space=0,
-                zero_detection=detect)
-    return path
-
-
-def pattern(seed: int, n: int) -> bytes:
-    return random.Random(seed).randbytes(n)
+def new_pool(tmp_path, detect: bool, **kw) -> str:
+    return engine_helpers.new_pool(tmp_path, zero_detection=detect,
+                                   **{"data_size": 16 * MiB, "metadata_size": 4 * MiB} | kw)
 
 
 def read_conf(path) -> dict:
@@ -57,7 +49,7 @@ def usage(pool, dev) -> tuple[int, int, int]:
 
 
 def mapped_vbs(pool, dev) -> list[int]:
-    return sorted(vb for vb, _, _ in pool.mappings(dev))
+    return sorted(mapping_of(pool, dev))
 
 
 @MODES
@@ -93,7 +85,7 @@ def test_zeros_over_a_mapped_exclusive_block(tmp_path, detect):
         v = pool.create_volume("v", 4 * BS)
         pool.write(v.dev_id, 0, pattern(1, 4 * BS))
         pool.commit()
-        before = {vb: block for vb, block, _ in pool.mappings(v)}
+        before = mapping_of(pool, v)
         # A whole block of zeros over block 1; sub-block zeros that zero block 2 whole
         # in two pieces (the second ends the block: the case detection looks at).
         pool.write(v.dev_id, BS, bytes(BS))
@@ -109,7 +101,7 @@ def test_zeros_over_a_mapped_exclusive_block(tmp_path, detect):
             pool.commit()
             assert pool.space.used == 2
         else:  # overwritten in place: the same data blocks, still mapped
-            assert {vb: block for vb, block, _ in pool.mappings(v)} == before
+            assert mapping_of(pool, v) == before
             assert usage(pool, v) == (4, 4, 0) and pool.space.used == 4
         check_invariants(pool)
 
@@ -164,10 +156,7 @@ def test_zeros_in_a_full_pool(tmp_path, detect):
     """Out of data space: zeros into a hole need a block like any data (ENOSPC, as
     dm-thin), unless zero detection stores nothing for them; zeros over a block the
     volume owns succeed in both modes."""
-    path = str(tmp_path / "pool")
-    Pool.create(path, data_size=4 * BS, metadata_size=1 * MiB, block_size=BS, min_free_space=0,
-                zero_detection=detect)
-    with Pool.open(path) as pool:
+    with Pool.open(new_pool(tmp_path, detect, data_size=4 * BS, metadata_size=1 * MiB)) as pool:
         v = pool.create_volume("v", 8 * BS)
         pool.write(v.dev_id, 0, pattern(4, 4 * BS))
         assert pool.space.free == 0
