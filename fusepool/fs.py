@@ -170,7 +170,7 @@ class FusepoolOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             self.pool.resize(dev_id, attr.st_size)  # (by id: an unlinked volume may have a namesake)
         if fields.update_mtime:
-            dev.mtime = attr.st_mtime_ns / 1e9
+            self.pool.set_mtime(dev_id, attr.st_mtime_ns / 1e9)
         return self._volume_attrs(dev_id)
 
     @fuse_errors

@@ -382,13 +382,6 @@ async def test_setattr_mode_is_durable_and_owner_changes_are_refused(ops):
         assert pool.volume("v").mode == 0o640
 
 
-MTIME_NOT_ENGINE = ("fs.py's setattr sets Device.mtime itself instead of going through the engine "
-                    "(as chmod does with Pool.set_mode): the pool is neither checked for writability "
-                    "nor marked dirty")
-
-
-@pytest.mark.xfail(strict=True, reason=MTIME_NOT_ENGINE + ": an explicit mtime (touch -d, utimes, "
-                   "cp -p) is lost at the next close unless another change commits it")
 async def test_setattr_mtime_is_durable(ops):
     pool = ops.pool
     pool.create_volume("v", BS)
@@ -401,8 +394,6 @@ async def test_setattr_mtime_is_durable(ops):
         assert int(pool.volume("v").mtime * 1e9) == when
 
 
-@pytest.mark.xfail(strict=True, reason=MTIME_NOT_ENGINE + ": a failed (read-only) pool accepts "
-                   "the change in memory instead of answering EROFS")
 async def test_setattr_mtime_on_a_failed_pool_is_erofs(ops, caplog):
     pool = ops.pool
     v = pool.create_volume("v", BS)

@@ -479,6 +479,15 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         self._commit_quietly()
         return False
 
+    def set_mtime(self, dev_id: int, mtime: float) -> Device:
+        """An explicit modification time (touch -d, utimes, cp -p): durable with the next
+        FLUSH or commit, as a write's data is (a journal record carries each device's mtime)."""
+        dev = self.device(dev_id)
+        self._check_writable()
+        dev.mtime = mtime
+        self.transaction.remapped_blocks(dev.dev_id)  # (no block: the record carries the mtime)
+        return dev
+
     def set_mode(self, dev_id: int, mode: int) -> Device:
         """chmod of a volume in the mount: permission bits only; durable before it returns."""
         dev = self.device(dev_id)
