@@ -271,7 +271,7 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
     try:
         check_mountpoint(mountpoint, nonempty)
         daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout, writeback_cache)
-        if nbd:
+        if nbd:  # (listening before the mount: a bad address fails with one line)
             daemon.nbd = nbd_server(daemon, nbd, nbd_read_only, no_space_timeout)
         # The mount's source names its pool (`fusepool umount` reads it from mountinfo and
         # then asks that pool's daemon; see cli.find_mount).  default_permissions: the kernel
@@ -283,11 +283,15 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
             options.add("allow_other")
         if debug_fuse:
             options.add("debug")
-        init_fuse(daemon.ops, mountpoint, options)  # a failure: one line naming cause and fix
         try:
-            trio.run(daemon.run, on_ready or (lambda: None))
+            init_fuse(daemon.ops, mountpoint, options)  # a failure: one line naming cause and fix
+            try:
+                trio.run(daemon.run, on_ready or (lambda: None))
+            finally:
+                pyfuse3.close(unmount=True)
         finally:
-            pyfuse3.close(unmount=True)
+            if daemon.nbd is not None:
+                daemon.nbd.close()
     finally:
         pool.close()
     log.info("unmounted %s; pool %s committed at transaction %d", mountpoint, pool.path,
@@ -300,8 +304,10 @@ def nbd_server(daemon: Daemon, addresses: list[str], read_only: bool,
     before anything is served: a usage error is one line)."""
     from fusepool.nbd import NbdServer, parse_address
 
-    return NbdServer(daemon.pool, daemon.flusher, [parse_address(a) for a in addresses],
-                     read_only, no_space_timeout)
+    server = NbdServer(daemon.pool, daemon.flusher, [parse_address(a) for a in addresses],
+                       read_only, no_space_timeout)
+    server.bind()
+    return server
 
 
 def serve_nbd(pool_dir: str, nbd: list[str], commit_period: float = 1.0, on_ready=None,
@@ -319,7 +325,10 @@ def serve_nbd(pool_dir: str, nbd: list[str], commit_period: float = 1.0, on_read
     try:
         daemon = Daemon(pool, None, commit_period, no_space_timeout)
         daemon.nbd = nbd_server(daemon, nbd, read_only, no_space_timeout)
-        trio.run(daemon.run, on_ready or (lambda: None))
+        try:
+            trio.run(daemon.run, on_ready or (lambda: None))
+        finally:
+            daemon.nbd.close()
     finally:
         pool.close()
     log.info("stopped serving pool %s; committed at transaction %d", pool.path, pool.transaction_id)

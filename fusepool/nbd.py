@@ -189,53 +189,72 @@ class NbdServer:
         self.connections = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.bound: list[str] = []  # the addresses served, as `describe` gives them (port 0 resolved)
         self._unix_paths: list[str] = []
+        self._sockets: list[socket.socket] = []
 
     # --- listening ---------------------------------------------------------------------
 
-    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = []
+    def bind(self) -> None:
+        """Listen on every address, before anything is served: a bad address, a path in
+        use or a port taken is a usage error now, not a failure of the running daemon."""
         try:
             for address in self.addresses:
-                listeners.append(await self._listen(address))
-            task_status.started()
+                self._sockets.append(self._listen(address))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop listening; the unix sockets' files are removed."""
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths = []
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        if not self._sockets:
+            self.bind()
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in self._sockets]
+        task_status.started()
+        try:
             await trio.serve_listeners(self.handle, listeners)
         finally:
-            for listener in listeners:
-                with contextlib.suppress(OSError):
-                    listener.socket.close()
-            for path in self._unix_paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            self.close()
 
-    async def _listen(self, address) -> trio.SocketListener:
+    def _listen(self, address) -> socket.socket:
         kind, where = address
         if kind == "unix":
             self._clear_stale_socket(where)
-            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old_umask = os.umask(0o177)  # owner-only from the start, as control.sock
             try:
-                await sock.bind(where)
+                sock.bind(where)
             except OSError as exc:
                 sock.close()
-                raise UsageError(f"--nbd unix:{where}: {exc.strerror}") from None
+                raise UsageError(f"--nbd unix:{where}: {exc.strerror or exc}") from None
             finally:
                 os.umask(old_umask)
             self._unix_paths.append(where)
             self.bound.append(f"unix:{where}")
         else:
             host, port = where
-            family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
-            sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
             try:
-                await sock.bind((host, port))
+                family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                raise UsageError(f"--nbd {describe(address)}: {exc.strerror or exc}") from None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
             except OSError as exc:
                 sock.close()
-                raise UsageError(f"--nbd {describe(address)}: {exc.strerror}") from None
+                raise UsageError(f"--nbd {describe(address)}: {exc.strerror or exc}") from None
             self.bound.append(describe(("tcp", sock.getsockname()[:2])))
         sock.listen(128)
         log.info("NBD: serving the pool's volumes on %s", self.bound[-1])
-        return trio.SocketListener(sock)
+        return sock
 
     @staticmethod
     def _clear_stale_socket(path: str) -> None:
