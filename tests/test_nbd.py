@@ -272,6 +272,9 @@ def test_commands_work_online_while_serving(served, tmp_path):
     run_fusepool("import", pool, "imp", out)
     qemu_io(served.url("imp"), "read -P 0x33 512k 512k")
     run_fusepool("check", pool)
+    assert f"NBD Exports At: unix:{served.sock}" in run_fusepool("info", pool).stdout
+    proc = run_fusepool("repair", pool, check=False)
+    assert proc.returncode == 1 and "served over NBD" in proc.stderr, proc.stderr
     run_fusepool("remove", pool, "w")
     assert "w" not in [e["name"] for e in json.loads(run_fusepool("list", pool, "--json").stdout)]
 
