@@ -116,6 +116,7 @@ PREFERRED_BLOCK = 4096
 HANDSHAKE_TIMEOUT = 30.0  # to finish option haggling (a silent client holds a slot only this long)
 SEND_TIMEOUT = 60.0  # per reply: a client that stops reading is dropped
 MAX_CONNECTIONS = 64  # more at once are closed at once
+SMALL_REPLY = 256 << 10  # a reply up to this size is sent in one piece (copied once)
 ZERO_CHUNK = 1 << 20  # WRITE_ZEROES with NO_HOLE writes zeros this much at a time
 
 
@@ -327,6 +328,8 @@ class Connection:
         self.name = ""
 
     async def send(self, *parts: bytes) -> None:
+        if len(parts) > 1 and sum(map(len, parts)) <= SMALL_REPLY:
+            parts = (b"".join(parts),)  # one syscall for a header and a small payload
         with trio.fail_after(SEND_TIMEOUT):
             for part in parts:
                 if part:
