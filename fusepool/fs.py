@@ -19,6 +19,7 @@ import trio
 
 from fusepool.engine import CONTROL_NAME, Pool
 from fusepool.errors import PoolError, PoolFull
+from fusepool.flushing import Flusher
 from fusepool.metadata.format import MAX_DEV_ID
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def fuse_errors(handler):
 
 class FusepoolOperations(pyfuse3.Operations):
     def __init__(self, pool: Pool, no_space_timeout: float | None = None,
-                 writeback_cache: bool = True):
+                 writeback_cache: bool = True, flusher: Flusher | None = None):
         super().__init__()
         # The kernel's writeback cache (the default; off with mount --write-through):
         # writes return once in the kernel's page cache, which then owns each open
@@ -85,7 +86,9 @@ class FusepoolOperations(pyfuse3.Operations):
         self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
         self.initialised = trio.Event()
-        self.flush_lock = trio.Lock()  # the kernel has finished mounting
+        # FLUSH/commit ordering, shared with the NBD server when the daemon runs both.
+        self.flusher = flusher or Flusher(pool)
+        self.flush_lock = self.flusher.lock
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -297,37 +300,13 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
-        # dm-thin's FLUSH.  Its two fdatasyncs run in a worker thread, so other requests
-        # go on meanwhile (see Pool.prepare_sync for why that is safe).  One FLUSH at a
-        # time, in arrival order (trio.Lock is fair): records must land in the order
-        # their mappings were taken.
-        async with self.flush_lock:
-            await self.run_flush_job(self.pool.prepare_sync())
+        await self.flusher.flush()  # dm-thin's FLUSH (fusepool.flushing)
 
     async def run_flush_job(self, job) -> None:
-        """Run a prepared FLUSH's blocking I/O in a worker thread, then finish it here."""
-        if job is not None:
-            await trio.to_thread.run_sync(self.pool.run_sync, job)
-            self.pool.finish_sync(job)
+        await self.flusher.run_flush_job(job)
 
     async def commit(self) -> None:
-        """A commit whose fdatasyncs and metadata writes run in a worker thread.
-
-        Requests go on meanwhile; their changes belong to the next commit (see
-        Pool.prepare_commit).  A commit that could meet a full host filesystem
-        (pages without reserved host space) runs here instead, where a failure
-        can still be undone and the pool stay writable.
-        """
-        async with self.flush_lock:
-            job = self.pool.prepare_commit()
-            if job is None:
-                return
-            if self.pool.store.write_is_reserved(job.write):
-                await trio.to_thread.run_sync(self.pool.run_commit, job)
-                self.pool.finish_commit(job)
-            else:
-                self.pool.run_commit(job)
-                self.pool.finish_commit(job, undo=True)
+        await self.flusher.commit()
 
     async def flush(self, fh):
         pass  # sent at every close(): no commit needed (DESIGN.md)

@@ -21,6 +21,7 @@ from fusepool.control_server import ControlServer
 from fusepool.engine import Pool
 from fusepool.engine.space import run_hook
 from fusepool.errors import InvalidArgument, NotMounted, PoolBusy, PoolError, UsageError
+from fusepool.flushing import Flusher
 from fusepool.fs import FusepoolOperations
 from fusepool.fuse_errors import init_fuse
 from fusepool.mounts import find_mount, lazy_unmount, unescape_mount_path  # noqa: F401
@@ -99,12 +100,18 @@ def fsname_option(pool_dir: str) -> str:
 
 
 class Daemon:
-    def __init__(self, pool: Pool, mountpoint: str, commit_period: float,
+    """Serves a pool: a FUSE mount on ``mountpoint``, or none (None: `fusepool serve`),
+    and NBD exports if ``nbd`` is set; commands through the control socket either way."""
+
+    def __init__(self, pool: Pool, mountpoint: str | None, commit_period: float,
                  no_space_timeout: float | None = None, writeback_cache: bool = True):
         self.pool = pool
         self.mountpoint = mountpoint
         self.commit_period = commit_period
-        self.ops = FusepoolOperations(pool, no_space_timeout, writeback_cache)
+        self.flusher = Flusher(pool)  # FLUSH/commit ordering, shared by FUSE and NBD
+        self.ops = (None if mountpoint is None else
+                    FusepoolOperations(pool, no_space_timeout, writeback_cache, self.flusher))
+        self.nbd = None  # a fusepool.nbd.NbdServer, set by serve() / serve_nbd()
         self.cancel_scope: trio.CancelScope | None = None
 
     async def run(self, on_ready) -> None:
@@ -114,12 +121,25 @@ class Daemon:
             # to call back into this daemon (`fusepool extend POOL`).
             self.pool.on_low_water = lambda command, env: nursery.start_soon(run_hook, command, env)
             await nursery.start(self._serve_control)
+            if self.nbd is not None:
+                await nursery.start(self.nbd.serve)
             nursery.start_soon(self._commit_timer)
             nursery.start_soon(self._signals)
+            if self.ops is None:  # no FUSE: serve until terminate() cancels the nursery
+                on_ready()
+                return
             nursery.start_soon(self._after_init)
             on_ready()
             await pyfuse3.main(max_tasks=self.fuse_workers())
             nursery.cancel_scope.cancel()  # the kernel unmounted us, or terminate()
+
+    def terminate(self) -> None:
+        """Stop serving: unmount (the nursery ends when pyfuse3.main returns), or, with no
+        FUSE mount, end the nursery; the pool is committed and closed after it."""
+        if self.ops is not None:
+            pyfuse3.terminate()
+        else:
+            self.cancel_scope.cancel()
 
     def fuse_workers(self) -> int:
         """How many requests pyfuse3 may serve at once.
@@ -139,7 +159,7 @@ class Daemon:
             await trio.sleep(self.commit_period)
             if self.pool.dirty and self.pool.failed is None:
                 try:
-                    await self.ops.commit()
+                    await self.flusher.commit()
                 except PoolError as exc:
                     log.error("periodic commit failed: %s", exc)
 
@@ -150,8 +170,8 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                log.info("signal %d: unmounting", signum)
-                pyfuse3.terminate()
+                log.info("signal %d: %s", signum, "unmounting" if self.ops else "stopping")
+                self.terminate()
 
     async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await ControlServer(self.pool.path, self._dispatch).serve(task_status=task_status)
@@ -159,7 +179,10 @@ class Daemon:
     async def _dispatch(self, op: str, args: dict):
         if op == "status":
             return {"pid": os.getpid(), "mountpoint": self.mountpoint, "pool": self.pool.path,
-                    "writeback_cache": self.ops.enable_writeback_cache}
+                    "writeback_cache": self.ops is not None and self.ops.enable_writeback_cache,
+                    "nbd": self.nbd.bound if self.nbd is not None else []}
+        if op == "stop":
+            return self._stop(args)
         if op == "unmount":
             # Asked by mountpoint (fusepool umount MNT): refuse if it is not ours, so a
             # forged mount that names this pool cannot unmount it.
@@ -192,6 +215,31 @@ class Daemon:
         return commands.run(self.pool, op, args)
 
 
+    def _stop(self, args: dict) -> dict:
+        """`fusepool stop POOL`: whichever way the daemon serves (FUSE, NBD, both).
+
+        As `umount`: refused while volumes are open (FUSE handles, NBD clients)
+        unless forced, and the pool is committed before saying yes, so a failure
+        can still be reported.
+        """
+        busy = sum(d.open_count for d in self.pool.devices.values())
+        what = self.mountpoint or f"pool {self.pool.path}"
+        if busy and not args.get("force"):
+            raise PoolBusy(f"{what} is busy: {busy} open handle(s) or NBD client(s) on its volumes "
+                           "(--force stops anyway)")
+        if self.pool.failed is None:
+            try:
+                self.pool.commit()
+            except PoolError as exc:
+                if not args.get("force"):
+                    raise PoolError(f"not stopping: {exc} (--force stops anyway and loses what "
+                                    "is not committed)") from None
+        if self.ops is not None:
+            self.terminate()  # (pyfuse3.main returns later: the reply goes out first)
+            return {"pid": os.getpid()}
+        # Ending the nursery now would cut this very reply: end it once the client has it.
+        return Held({"pid": os.getpid()}, self.terminate)
+
     async def _reserve_metadata_snap(self):
         """Commit and hold that commit for a reader (see fusepool.engine.view).
 
@@ -200,7 +248,7 @@ class Daemon:
         """
         if self.pool.failed is not None:
             return {"transaction": None}
-        await self.ops.commit()  # (its I/O in a worker thread)
+        await self.flusher.commit()  # (its I/O in a worker thread)
         superblock = self.pool.reserve_metadata_snap()  # nothing changed since: no commit
         open_counts = {str(d.dev_id): d.open_count for d in self.pool.devices.values()
                        if d.open_count}
@@ -211,17 +259,20 @@ class Daemon:
 def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=None,
           allow_other: bool = False, debug_fuse: bool = False,
           no_space_timeout: float | None = None, writeback_cache: bool = True,
-          nonempty: bool = False) -> None:
+          nonempty: bool = False, nbd: list[str] | None = None, nbd_read_only: bool = False) -> None:
     """Mount ``pool_dir`` on ``mountpoint`` and serve until unmounted.
 
     ``writeback_cache`` (the default, ``mount --write-through`` turns it off): the
     kernel caches writes, as it does for a kernel thin volume's block device.
+    ``nbd``: also serve the volumes over NBD on these addresses (unix:PATH, tcp:HOST:PORT).
     """
     mountpoint = os.path.realpath(mountpoint)  # as mountinfo will show it
     pool = Pool.open(pool_dir)
     try:
         check_mountpoint(mountpoint, nonempty)
         daemon = Daemon(pool, mountpoint, commit_period, no_space_timeout, writeback_cache)
+        if nbd:  # (listening before the mount: a bad address fails with one line)
+            daemon.nbd = nbd_server(daemon, nbd, nbd_read_only, no_space_timeout)
         # The mount's source names its pool (`fusepool umount` reads it from mountinfo and
         # then asks that pool's daemon; see cli.find_mount).  default_permissions: the kernel
         # checks each access against the volume's mode and owner (what makes --allow-other
@@ -232,12 +283,52 @@ def serve(pool_dir: str, mountpoint: str, commit_period: float = 1.0, on_ready=N
             options.add("allow_other")
         if debug_fuse:
             options.add("debug")
-        init_fuse(daemon.ops, mountpoint, options)  # a failure: one line naming cause and fix
         try:
-            trio.run(daemon.run, on_ready or (lambda: None))
+            init_fuse(daemon.ops, mountpoint, options)  # a failure: one line naming cause and fix
+            try:
+                trio.run(daemon.run, on_ready or (lambda: None))
+            finally:
+                pyfuse3.close(unmount=True)
         finally:
-            pyfuse3.close(unmount=True)
+            if daemon.nbd is not None:
+                daemon.nbd.close()
     finally:
         pool.close()
     log.info("unmounted %s; pool %s committed at transaction %d", mountpoint, pool.path,
              pool.transaction_id)
+
+
+def nbd_server(daemon: Daemon, addresses: list[str], read_only: bool,
+               no_space_timeout: float | None = None):
+    """The daemon's NBD server, sharing its FLUSH/commit ordering (addresses checked here,
+    before anything is served: a usage error is one line)."""
+    from fusepool.nbd import NbdServer, parse_address
+
+    server = NbdServer(daemon.pool, daemon.flusher, [parse_address(a) for a in addresses],
+                       read_only, no_space_timeout)
+    server.bind()
+    return server
+
+
+def serve_nbd(pool_dir: str, nbd: list[str], commit_period: float = 1.0, on_ready=None,
+              read_only: bool = False, no_space_timeout: float | None = None) -> None:
+    """`fusepool serve`: the pool's volumes over NBD, with no FUSE mount (no /dev/fuse needed).
+
+    The same lifecycle as a mount's: the pool is opened (locked), the control
+    socket, the commit timer and the signal handler run in one nursery with the
+    NBD server; `fusepool stop POOL` or SIGTERM/SIGINT cancel it, and the pool is
+    committed and closed.
+    """
+    if not nbd:
+        raise UsageError("serve needs --nbd unix:PATH or --nbd tcp:[HOST:]PORT")
+    pool = Pool.open(pool_dir)
+    try:
+        daemon = Daemon(pool, None, commit_period, no_space_timeout)
+        daemon.nbd = nbd_server(daemon, nbd, read_only, no_space_timeout)
+        try:
+            trio.run(daemon.run, on_ready or (lambda: None))
+        finally:
+            daemon.nbd.close()
+    finally:
+        pool.close()
+    log.info("stopped serving pool %s; committed at transaction %d", pool.path, pool.transaction_id)

@@ -61,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if command not in parser.commands:
         parser = build_parser()  # no command, or an unknown one: argparse lists them all
     args = parser.parse_args(argv)
-    if args.command == "mount" or args.debug or not args.func.command.light:
+    daemon = args.command in ("mount", "serve")
+    if daemon or args.debug or not args.func.command.light:
         import logging  # (not for light commands: it costs start-up time)
 
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-                            if args.command == "mount" else "fusepool: %(message)s")
-        if args.command != "mount":
+                            if daemon else "fusepool: %(message)s")
+        if not daemon:
             logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         status = args.func(args)

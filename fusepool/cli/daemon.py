@@ -12,15 +12,18 @@ from fusepool.cli.table import MOUNT_OPTIONS
 from fusepool.errors import DaemonTimeout, NotMounted, PoolError
 
 
-def forwarded_options(a) -> list[str]:
-    """The table's mount options as given, for the daemon's command line."""
+def forwarded_options(a, options=MOUNT_OPTIONS) -> list[str]:
+    """The table's options as given (``forward``-ed ones), for the daemon's command line."""
     argv = []
-    for arg in MOUNT_OPTIONS:
+    for arg in options:
         if not arg.forward:
             continue
         value = getattr(a, arg.dest)
         if arg.options.get("action") == "store_true":
             argv += [arg.flags[0]] if value else []
+        elif arg.options.get("action") == "append":
+            for item in value or ():
+                argv += [arg.flags[0], str(item)]
         elif value is not None:
             argv += [arg.flags[0], str(value)]
     return argv
@@ -30,19 +33,20 @@ def mount(a) -> None:
     pool_dir = os.path.abspath(a.pool)
     mountpoint = os.path.abspath(a.mountpoint)
     dispatch.require_pool(pool_dir)
-    running = dispatch.daemon_status(pool_dir)
-    if running:
-        raise PoolError(f"pool {pool_dir} is already mounted at {running['mountpoint']} "
-                        f"(pid {running['pid']})")
+    refuse_if_served(pool_dir)
     if a.foreground:
         return run_foreground(pool_dir, mountpoint, a)
-    # Background: start the daemon as a fresh process and wait until it says it is ready.
+    start_daemon(pool_dir, ["mount", pool_dir, mountpoint, *forwarded_options(a)], a.debug)
+
+
+def start_daemon(pool_dir: str, argv: list[str], debug: bool) -> None:
+    """Start ``fusepool ARGV --foreground`` as a fresh process (its output in
+    POOL/fusepool.log) and wait until it says it is ready, or why it is not."""
     import subprocess
 
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if a.debug else []) + [
-        "mount", pool_dir, mountpoint, "--foreground", "--ready-fd", str(write_fd),
-        *forwarded_options(a)]
+    cmd = [sys.executable, "-m", "fusepool"] + (["--debug"] if debug else []) + [
+        *argv, "--foreground", "--ready-fd", str(write_fd)]
     log_path = os.path.join(pool_dir, "fusepool.log")
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -61,7 +65,17 @@ def mount(a) -> None:
         error = PoolError(match.group(2))
         error.exit_status = int(match.group(1))
         raise error
-    raise PoolError(f"the mount daemon exited with status {proc.returncode}; see {log_path}")
+    raise PoolError(f"the {argv[0]} daemon exited with status {proc.returncode}; see {log_path}")
+
+
+def refuse_if_served(pool_dir: str) -> None:
+    """A pool has one daemon: say which one serves it already."""
+    running = dispatch.daemon_status(pool_dir)
+    if running:
+        how = (f"mounted at {running['mountpoint']}" if running.get("mountpoint") else
+               "served over NBD at " + ", ".join(running.get("nbd") or ["?"]))
+        raise PoolError(f"pool {pool_dir} is already {how} (pid {running['pid']}); "
+                        f"`fusepool stop {pool_dir}` stops it")
 
 
 def run_foreground(pool_dir: str, mountpoint: str, a) -> None:

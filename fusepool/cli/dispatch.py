@@ -170,7 +170,9 @@ class Online(_Session):
         return control.request(self.pool_dir, op, args or {}, output=output)
 
     def path(self, name: str) -> str | None:
-        """Volume ``name``'s file in the mount (None if there is none)."""
+        """Volume ``name``'s file in the mount (None if there is none, or no mount)."""
+        if self.mountpoint is None:  # `fusepool serve`: no kernel cache to flush
+            return None
         path = os.path.join(self.mountpoint, name)
         return path if os.path.isfile(path) else None
 
@@ -218,6 +220,17 @@ class Online(_Session):
 
     @contextlib.contextmanager
     def open_volume(self, dev: dict, writable: bool = False):
+        if self.mountpoint is None:  # `fusepool serve`: the volume's NBD export
+            from fusepool.nbd_client import NbdVolume
+
+            if not self.status.get("nbd"):
+                raise PoolError(f"the daemon of {self.pool_dir} serves neither a mount nor NBD")
+            volume = NbdVolume(self.status["nbd"][0], dev["name"])
+            try:
+                yield volume
+            finally:
+                volume.close()
+            return
         fd = os.open(os.path.join(self.mountpoint, dev["name"]), os.O_WRONLY if writable else os.O_RDONLY)
         try:
             yield MountedVolume(fd)

@@ -51,6 +51,8 @@ def format_info(st: dict) -> str:
         ("Volumes", str(st["volume_count"])),
         ("Mounted At", st.get("mounted") or "-"),
     ]
+    if st.get("nbd"):
+        lines.append(("NBD Exports At", ", ".join(st["nbd"])))
     if st.get("read_only"):
         lines.append(("Read Only", st["read_only"]))
     return "Storage Driver: fusepool\n" + "\n".join(f" {k}: {v}" for k, v in lines)

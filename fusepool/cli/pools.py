@@ -58,6 +58,8 @@ def info(a) -> None:
     with dispatch.connect(a.pool) as pool:
         st = pool.call("info")
         st["mounted"] = pool.mountpoint
+        if isinstance(pool, dispatch.Online) and pool.status.get("nbd"):
+            st["nbd"] = pool.status["nbd"]
     if a.json:
         return emit_json(st)
     print(format_info(st))
@@ -102,5 +104,8 @@ def repair(a) -> None:
     with dispatch.connect(pool_dir) as pool:
         if pool.mountpoint:
             raise PoolError(f"pool {pool_dir} is mounted at {pool.mountpoint}: unmount it before repair")
+        if isinstance(pool, dispatch.Online):
+            raise PoolError(f"pool {pool_dir} is served over NBD: `fusepool stop {pool_dir}` "
+                            "before repair")
     for line in repair(pool_dir, progress_bar("reading")):
         print(line)

@@ -114,6 +114,24 @@ MOUNT_OPTIONS = [
         help="the default (kept for compatibility; does nothing)"),
     Arg("--nonempty", action="store_true", forward=True,
         help="mount even if MOUNTPOINT holds files (the mount hides them)"),
+    Arg("--nbd", action="append", forward=True, metavar="ADDRESS",
+        help="also serve every volume over NBD at ADDRESS (as `serve --nbd`; may be repeated)"),
+    Arg("--nbd-read-only", action="store_true", forward=True, help="NBD exports are read-only"),
+]
+
+NBD_HELP = ("serve at ADDRESS: unix:PATH (a socket only you can use) or tcp:[HOST:]PORT (HOST "
+            "127.0.0.1 unless given; NBD has no authentication: anyone who can connect reads "
+            "and writes every volume); may be repeated")
+
+# Options of `serve` that the background daemon is given and that reach
+# fusepool.mount.serve_nbd as keywords.
+SERVE_OPTIONS = [
+    Arg("--nbd", action="append", required=True, forward=True, metavar="ADDRESS", help=NBD_HELP),
+    Arg("--read-only", action="store_true", forward=True, help="every export is read-only"),
+    Arg("--commit-period", type=positive_float, default=1.0, metavar="SECONDS", forward=True,
+        help="commit metadata at least this often when changed (default 1)"),
+    Arg("--no-space-timeout", type=non_negative_float, metavar="SECONDS", forward=True,
+        help="override the pool's out-of-space wait while serving"),
 ]
 
 INIT_EPILOG = """\
@@ -179,6 +197,15 @@ COMMANDS = [
             args=[Arg("mountpoint", metavar="MOUNTPOINT"),
                   Arg("--force", action="store_true", help="unmount even with volumes open"),
                   Arg("--timeout", type=positive_float, default=60.0, metavar="SECONDS")]),
+    Command("serve", "serve every volume over NBD (one export per volume, named by it), "
+            "without a FUSE mount", "serving:serve", args=[
+                POOL, *SERVE_OPTIONS,
+                Arg("--foreground", action="store_true", help="serve in this process"),
+                Arg("--ready-fd", type=int, help=argparse.SUPPRESS)]),
+    Command("stop", "stop the pool's daemon (mount or serve): commit, stop serving, wait for "
+            "it to exit", "serving:stop", light=True, args=[
+                POOL, Arg("--force", action="store_true", help="stop even with volumes in use"),
+                Arg("--timeout", type=positive_float, default=60.0, metavar="SECONDS")]),
     Command("create", "create a thin volume", "volumes:create", light=True, args=[
         POOL, NAME, Arg("--size", metavar="SIZE", help="virtual size (default: the pool's base size)")]),
     Command("snapshot", "create a writable snapshot of a volume", "volumes:snapshot", light=True,
