@@ -10,9 +10,9 @@ free-block search in C.
 
 Direct mode's data path runs its I/O in worker threads (plan -> I/O ->
 apply), so two more states exist there.  A *pinned* block is under I/O (read,
-or written in place): freed meanwhile, it stays unallocatable, even past a
-commit, until it is unpinned, so a stale read or write never meets another
-volume's data.  A *reserved* block is allocated to a write whose I/O is in
+or written in place): freed meanwhile, it stays unallocatable, even past the
+commit that frees it, until it is unpinned, so a stale read or write never meets another
+volume's data (the last unpin frees it then).  A *reserved* block is allocated to a write whose I/O is in
 flight: busy, but its count stays 0 until the write's mappings are in place,
 so a commit meanwhile stores it free (no leak if the write never lands).
 """
@@ -38,6 +38,7 @@ class DataSpaceMap:
         self.dirty_pages: set[int] = set()
         self.cursor = 0
         self.pins: dict[int, int] = {}  # data block -> I/O in flight on it (direct mode)
+        self.release_on_unpin: set[int] = set()  # freed by a durable commit while pinned
 
     def allocate(self) -> int:
         """A free block, now referenced once; raise :class:`PoolFull` if none."""
@@ -95,8 +96,12 @@ class DataSpaceMap:
         n = self.pins[block] - 1
         if n:
             self.pins[block] = n
-        else:
-            del self.pins[block]
+            return
+        del self.pins[block]
+        if block in self.release_on_unpin:  # the commit that freed it is durable: free now
+            self.release_on_unpin.discard(block)
+            self.busy[block] = 0
+            self.free += 1
 
     def inc(self, block: int) -> None:
         self.counts[block] += 1
@@ -128,8 +133,8 @@ class DataSpaceMap:
         """The commit that freed them is durable: make them allocatable (see committed)."""
         counts, pins = self.counts, self.pins
         released = [b for b in freed if counts[b] == 0 and b not in pins]
-        if pins:  # under I/O still: allocatable after a later commit, once unpinned
-            self.freed.extend(b for b in freed if counts[b] == 0 and b in pins)
+        if pins:  # under I/O still: allocatable once unpinned
+            self.release_on_unpin.update(b for b in freed if counts[b] == 0 and b in pins)
         for block in released:
             self.busy[block] = 0
         self.free += len(released)
