@@ -86,7 +86,12 @@ class FusepoolOperations(pyfuse3.Operations):
         self.handles: dict[int, int] = {}  # fh -> dev_id
         # Direct mode: reads and writes in worker threads, several at once (directio.py);
         # loop mode: on the loop (the page cache is faster than a thread hand-off).
-        self.direct = DirectIO(pool) if pool.data.direct else None
+        self.direct = None
+        if pool.data.direct:
+            # (FUSEPOOL_DIRECT_INLINE_US=0: every I/O step in a thread; tests, tools/bench)
+            inline_us = os.environ.get("FUSEPOOL_DIRECT_INLINE_US", "")
+            self.direct = (DirectIO(pool, inline_below=int(inline_us) / 1e6) if inline_us.isdigit()
+                           else DirectIO(pool))
         self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
         self.initialised = trio.Event()

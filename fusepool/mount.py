@@ -124,6 +124,10 @@ class Daemon:
             on_ready()
             await pyfuse3.main(max_tasks=self.fuse_workers())
             nursery.cancel_scope.cancel()  # the kernel unmounted us, or terminate()
+            if self.ops.direct is not None:
+                d = self.ops.direct
+                log.info("direct I/O steps: %d inline, %d in worker threads (device latency %.0f µs)",
+                         d.inline, d.threaded, d.latency * 1e6)
 
     def fuse_workers(self) -> int:
         """How many requests pyfuse3 may serve at once.
