@@ -14,7 +14,9 @@ the kernel's thin target together with exported metadata.  Two kinds:
   pool, not to the host, as on a block device).  O_DIRECT needs buffers,
   offsets and lengths aligned to the device's sector: I/O goes through
   page-aligned buffers, and the sectors at the edges of an unaligned write
-  are read, patched and written back.  O_DIRECT is not durable by itself:
+  are read, patched and written back.  Calls may come from several threads
+  at once (each takes its own buffers); the caller keeps two writes to one
+  block apart (fusepool.directio's bio prison).  O_DIRECT is not durable by itself:
   :meth:`flush` still fdatasyncs (the device cache, a file's extent map).
 """
 
@@ -25,6 +27,7 @@ import logging
 import mmap
 import os
 import stat
+import threading
 
 from fusepool.errors import PoolError
 from fusepool.units import bytes_size
@@ -211,21 +214,27 @@ class AlignedBuffers:
     """A small pool of page-aligned buffers (anonymous mmaps) for O_DIRECT I/O.
 
     Taking and giving back is cheap and reuses the same memory, so the data
-    path does not map and unmap per request.  The engine is single-threaded,
-    so one buffer is in use at a time; the pool keeps a few in case that changes.
+    path does not map and unmap per request.  Direct mode's I/O runs in
+    several worker threads at once (fusepool.directio): each call takes its
+    own buffers, under a lock.
     """
 
     def __init__(self, size: int = CHUNK, keep: int = 4):
         self.size = size
         self.keep = keep
         self.free: list[mmap.mmap] = []
+        self.lock = threading.Lock()
 
     def take(self) -> mmap.mmap:
-        return self.free.pop() if self.free else mmap.mmap(-1, self.size)
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        return mmap.mmap(-1, self.size)
 
     def give(self, buf: mmap.mmap) -> None:
-        if len(self.free) < self.keep:
-            self.free.append(buf)
+        with self.lock:
+            if len(self.free) < self.keep:
+                self.free.append(buf)
 
 
 class DirectDataStore(DataStore):
@@ -247,9 +256,8 @@ class DirectDataStore(DataStore):
         if self.is_device and not readonly:
             flags |= os.O_EXCL  # a block device: nobody may mount or claim it while we use it
         self.fd = open_direct(path, flags)
-        self.buffers = AlignedBuffers()
-        self.sector = mmap.mmap(-1, ALIGN)  # the edge sectors of unaligned writes: first
-        self.tail_sector = mmap.mmap(-1, ALIGN)  # and last
+        self.buffers = AlignedBuffers(keep=8)  # (IO_THREADS at once)
+        self.sectors = AlignedBuffers(ALIGN, keep=16)  # edge sectors of unaligned writes
 
     def size(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END) if self.is_device else os.fstat(self.fd).st_size
@@ -281,6 +289,7 @@ class DirectDataStore(DataStore):
     def write(self, position: int, buffers: list) -> None:
         """Write ``buffers`` at ``position``: copied into aligned memory, edges read back first."""
         buf = self.buffers.take()
+        first, last = self.sectors.take(), self.sectors.take()
         try:
             with memoryview(buf) as out:
                 head = position % ALIGN
@@ -290,10 +299,10 @@ class DirectDataStore(DataStore):
                 # the write with nothing changed.
                 end = position + sum(memoryview(piece).nbytes for piece in buffers)
                 if end % ALIGN:  # keep the bytes after the write in its last sector
-                    self._read_sector(end - end % ALIGN, self.tail_sector)
+                    self._read_sector(end - end % ALIGN, last)
                 if head:  # keep the bytes before the write in its first sector
-                    self._read_sector(start, self.sector)
-                    out[:head] = self.sector[:head]
+                    self._read_sector(start, first)
+                    out[:head] = first[:head]
                 for piece in buffers:
                     with memoryview(piece) as src:
                         src = src.cast("B") if src.format != "B" or src.ndim != 1 else src
@@ -309,12 +318,14 @@ class DirectDataStore(DataStore):
                                 fill = 0
                 tail = fill % ALIGN
                 if tail:
-                    out[fill : fill + ALIGN - tail] = self.tail_sector[tail:]
+                    out[fill : fill + ALIGN - tail] = last[tail:]
                     fill += ALIGN - tail
                 if fill:
                     self._write_aligned(out, fill, start)
         finally:
             self.buffers.give(buf)
+            self.sectors.give(first)
+            self.sectors.give(last)
 
     def _pread_aligned(self, view: memoryview, position: int) -> int:
         """One O_DIRECT read; short only at the end of the device or file (else EIO)."""

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import stat
+from contextlib import asynccontextmanager
 
 import pyfuse3
 import trio
 
+from fusepool.directio import DirectIO
 from fusepool.engine import CONTROL_NAME, Pool
 from fusepool.errors import PoolError, PoolFull
 from fusepool.flushing import Flusher
@@ -83,6 +85,14 @@ class FusepoolOperations(pyfuse3.Operations):
         self.no_space_timeout = (pool.config.no_space_timeout if no_space_timeout is None
                                  else no_space_timeout)
         self.handles: dict[int, int] = {}  # fh -> dev_id
+        # Direct mode: reads and writes in worker threads, several at once (directio.py);
+        # loop mode: on the loop (the page cache is faster than a thread hand-off).
+        self.direct = None
+        if pool.data.direct:
+            # (FUSEPOOL_DIRECT_INLINE_US=0: every I/O step in a thread; tests, tools/bench)
+            inline_us = os.environ.get("FUSEPOOL_DIRECT_INLINE_US", "")
+            self.direct = (DirectIO(pool, inline_below=int(inline_us) / 1e6) if inline_us.isdigit()
+                           else DirectIO(pool))
         self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
         self.initialised = trio.Event()
@@ -136,6 +146,15 @@ class FusepoolOperations(pyfuse3.Operations):
     def _name(self, name: bytes) -> str:
         return os.fsdecode(name)
 
+    @asynccontextmanager
+    async def quiesced(self, dev_id: int | None = None):
+        """Direct mode: no write of ``dev_id`` (None: of any device) in flight inside."""
+        if self.direct is None:
+            yield
+        else:
+            async with self.direct.quiesce(dev_id):
+                yield
+
     @fuse_errors
     async def getattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
@@ -171,7 +190,8 @@ class FusepoolOperations(pyfuse3.Operations):
             if attr.st_size < dev.size:
                 log.info("refused to shrink volume %s", dev.name)
                 raise pyfuse3.FUSEError(errno.EPERM)
-            self.pool.resize(dev_id, attr.st_size)  # (by id: an unlinked volume may have a namesake)
+            async with self.quiesced(dev_id):  # (it zeroes the last block's tail)
+                self.pool.resize(dev_id, attr.st_size)  # (by id: an unlinked volume may have a namesake)
         if fields.update_mtime:
             self.pool.set_mtime(dev_id, attr.st_mtime_ns / 1e9)
         return self._volume_attrs(dev_id)
@@ -237,7 +257,8 @@ class FusepoolOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):
-        self.pool.remove(self._name(name))
+        async with self.quiesced():
+            self.pool.remove(self._name(name))
 
     @fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -245,7 +266,8 @@ class FusepoolOperations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         # Replacing the target is part of the same commit (a crash shows both or neither).
-        self.pool.rename(old, new, replace=not flags & pyfuse3.RENAME_NOREPLACE)
+        async with self.quiesced():
+            self.pool.rename(old, new, replace=not flags & pyfuse3.RENAME_NOREPLACE)
 
     # --- files -------------------------------------------------------------------------
 
@@ -273,12 +295,19 @@ class FusepoolOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         if fh == CONTROL_FH:
             return self._control_data()[off : off + size]
+        if self.direct is not None:
+            return await self.direct.read(self.handles[fh], off, size)
         return self.pool.read(self.handles[fh], off, size)
+
+    async def _write(self, dev_id: int, off: int, buf) -> int:
+        if self.direct is not None:
+            return await self.direct.write(dev_id, off, buf)
+        return self.pool.write(dev_id, off, buf)
 
     @fuse_errors
     async def write(self, fh, off, buf):
         try:
-            return self.pool.write(self.handles[fh], off, buf)
+            return await self._write(self.handles[fh], off, buf)
         except PoolFull:
             if self.no_space_timeout <= 0:
                 raise
@@ -291,7 +320,7 @@ class FusepoolOperations(pyfuse3.Operations):
             while True:
                 await trio.sleep(NO_SPACE_POLL)
                 try:
-                    return self.pool.write(self.handles[fh], off, buf)
+                    return await self._write(self.handles[fh], off, buf)
                 except PoolFull:
                     if trio.current_time() >= deadline:
                         raise
@@ -315,4 +344,5 @@ class FusepoolOperations(pyfuse3.Operations):
     async def release(self, fh):
         dev_id = self.handles.pop(fh, None)
         if dev_id is not None:
-            self.pool.close_device(dev_id)
+            async with self.quiesced(dev_id):  # (the last close of a removed volume drops it)
+                self.pool.close_device(dev_id)

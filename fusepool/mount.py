@@ -28,6 +28,11 @@ from fusepool.mounts import find_mount, lazy_unmount, unescape_mount_path  # noq
 
 log = logging.getLogger(__name__)
 
+DIRECT_FUSE_WORKERS = 16  # requests served at once in direct mode (2 x directio.IO_THREADS)
+# Control commands that change a device's mappings or existence: in direct mode they
+# wait for the writes in flight (dm-thin/LVM suspend a device to snapshot it).
+QUIESCE_OPS = frozenset({"snapshot", "remove", "resize", "discard"})
+
 
 def check_mountpoint(mountpoint: str, nonempty: bool = False) -> None:
     """A usable, empty-of-mounts directory; clear a dead FUSE mount left behind.
@@ -132,6 +137,10 @@ class Daemon:
             on_ready()
             await pyfuse3.main(max_tasks=self.fuse_workers())
             nursery.cancel_scope.cancel()  # the kernel unmounted us, or terminate()
+            if self.ops.direct is not None:
+                d = self.ops.direct
+                log.info("direct I/O steps: %d inline, %d in worker threads (device latency %.0f µs)",
+                         d.inline, d.threaded, d.latency * 1e6)
 
     def terminate(self) -> None:
         """Stop serving: unmount (the nursery ends when pyfuse3.main returns), or, with no
@@ -147,12 +156,17 @@ class Daemon:
         The engine serves one request at a time anyway, and a second worker task
         only adds a hand-over per request (one worker: +15-25 % small-request IOPS,
         docs/performance.md).  In queue mode a write may wait for space, and that
-        must not hold up every other request.
+        must not hold up every other request; in direct mode neither may a
+        request waiting for the device.
         """
         override = os.environ.get("FUSEPOOL_FUSE_WORKERS", "")  # (for tools/bench-concurrency)
         if override.isdigit() and int(override) > 0:
             return int(override)
-        return 1 if self.ops.no_space_timeout <= 0 else 64
+        if self.ops.no_space_timeout > 0:
+            return 64
+        # Direct mode: requests wait for the device in worker threads, and others are
+        # served meanwhile (fusepool.directio).
+        return DIRECT_FUSE_WORKERS if self.ops.direct is not None else 1
 
     async def _commit_timer(self) -> None:
         while True:
@@ -212,6 +226,9 @@ class Daemon:
         # No cache invalidation here: directory entries are not cached (entry_timeout 0),
         # and a kernel invalidation blocks in the kernel while a request is pending; a
         # daemon killed in that window could not exit (seen in the kill tests).
+        if op in QUIESCE_OPS:
+            async with self.ops.quiesced():  # (every device: these commands are rare)
+                return commands.run(self.pool, op, args)
         return commands.run(self.pool, op, args)
 
 

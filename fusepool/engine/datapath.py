@@ -4,6 +4,18 @@ A room of :class:`fusepool.engine.Pool`.  A write is plan -> I/O -> apply:
 every block's fate is decided (and data blocks allocated) touching no mapping,
 then the data is written (one pwritev per physically contiguous run), and only
 then do sizes and mappings change, so a failed write leaves no trace.
+
+In loop mode the three steps run in one call (:meth:`DataPath.read`,
+:meth:`DataPath.write`): the page cache answers faster than a thread
+hand-off.  In direct mode (O_DIRECT) the caller runs them apart, the I/O in a
+worker thread (fusepool.directio): :meth:`DataPath.plan_read` /
+:meth:`DataPath.run_read` / :meth:`DataPath.finish_read`, and
+:meth:`DataPath.prepare_write` / :meth:`DataPath.run_write` /
+:meth:`DataPath.finish_write`.  The run steps touch only the data store and
+the job; the others run on the event loop.  Between them, data blocks under
+I/O are *pinned* (freed meanwhile, they are not reused, even past a commit)
+and blocks a write allocated are *reserved* (a commit meanwhile stores them
+free).  Writes to the same block must not overlap (the caller's bio prison).
 """
 
 import logging
@@ -40,6 +52,41 @@ class WritePlan:
     allocated: list[int] = field(default_factory=list)  # data blocks taken for it (undone on failure)
     maybe_zero: list[tuple[int, int]] = field(default_factory=list)  # exclusive blocks maybe all zeros now
     written: int = 0  # bytes of the write the plan covers (less than asked: the pool filled up)
+    # Direct mode's job (prepare_write -> run_write -> finish_write):
+    deferred: bool = False  # allocations are reserved, copies are read in run_write
+    dev: Device | None = None
+    offset: int = 0
+    grow: bool = True  # False: a zero-filled tail, the size stays (see tail_zeros)
+    in_place: bool = False  # one overwrite in place, nothing to remap
+    pinned: list[int] = field(default_factory=list)  # mapped data blocks under I/O
+    copies: list["Copy"] = field(default_factory=list)
+    ran: bool = False  # run_write is over
+    error: Exception | None = None  # what run_write met (raised by finish_write)
+
+
+@dataclass
+class Copy:
+    """A copy-on-write in a deferred plan: read ``src``, patch ``piece`` in at ``lo``."""
+
+    vb: int
+    src: int  # the shared data block copied (pinned)
+    lo: int
+    piece: object
+    size: int  # the block size
+    zero: bool  # the piece is zeros and zero detection is on: all zeros unmaps instead
+    remap_index: int = -1  # its (vb, new) in WritePlan.remap
+    became_zero: bool = False
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class ReadJob:
+    """A planned read: (data position, length) runs and zero fills, in order."""
+
+    segments: list = field(default_factory=list)
+    pinned: list[int] = field(default_factory=list)
 
 
 class DataPath:
@@ -115,8 +162,25 @@ class DataPath:
     def _overwrite_in_place(self, dev: Device, offset: int, data) -> bool:
         """The common case, taken first: a write inside one block the volume owns.
 
+        False: not that case.
+        """
+        block = self._in_place_block(dev, offset, data)
+        if block < 0:
+            return False
+        bs = self.block_size
+        self.transaction.data_written = True
+        try:
+            self.data.write_one(block * bs + offset % bs, data)
+        except OSError as exc:
+            raise self._data_write_error(exc) from None
+        dev.mtime = wallclock.time()
+        return True
+
+    def _in_place_block(self, dev: Device, offset: int, data) -> int:
+        """The data block a write inside one block the volume owns goes to, or -1.
+
         The same tests as the in-place case of :meth:`_plan_write`; with zero
-        detection, all-zero data goes the long way.  False: not that case.
+        detection, all-zero data goes the long way.
         """
         bs = self.block_size
         end = offset + len(data)
@@ -124,22 +188,16 @@ class DataPath:
         if (end > dev.size or (end - 1) // bs != vb
                 or (self.config.zero_detection
                     and data.startswith(memoryview(self.zero_block)[: end - offset]))):
-            return False
+            return -1
         leaf = Tree.leaf(dev.root, vb // FANOUT)
         entry = leaf.entries[vb % FANOUT] if leaf is not None else UNMAPPED
         block = entry >> TIME_BITS
         if (entry == UNMAPPED or self.space.counts[block] != 1 or entry & TIME_MASK < dev.snap_time
                 or Tree.leaf_is_shared(dev.root, vb // FANOUT)):
-            return False
-        self.transaction.data_written = True
-        try:
-            self.data.write_one(block * bs + offset - vb * bs, data)
-        except OSError as exc:
-            raise self._data_write_error(exc) from None
-        dev.mtime = wallclock.time()
-        return True
+            return -1
+        return block
 
-    def _plan_write(self, dev: Device, offset: int, data) -> WritePlan:
+    def _plan_write(self, dev: Device, offset: int, data, defer: bool = False) -> WritePlan:
         """Decide every block's fate and allocate, touching no mapping."""
         bs = self.block_size
         end = offset + len(data)
@@ -150,7 +208,8 @@ class DataPath:
         counts = self.space.counts
         snap_time = dev.snap_time
         cursor = LeafCursor(dev.root, with_sharing=True)
-        plan = WritePlan()
+        plan = WritePlan(deferred=defer)
+        copy = None
         vb = offset // bs
         pos = offset
         while pos < end:
@@ -180,14 +239,19 @@ class DataPath:
                 plan.io.append((block * bs + lo, piece))
                 if zero and hi == bs:  # zeros ending a block: it may be all zeros now
                     plan.maybe_zero.append((vb, block))
+                if defer:
+                    self.space.pin(block)
+                    plan.pinned.append(block)
                 buf = False
             elif whole:  # shared, and all of it rewritten: nothing to copy
                 buf = piece
+            elif defer:  # shared: the copy is read in run_write, off the event loop
+                buf = copy = Copy(vb, block, lo, piece, bs, zero)
             else:  # shared: copy the block, unless the copy would be all zeros
                 try:
                     buf = bytearray(self.data.read(block, 0, bs))
                 except PoolError:  # a read error (EIO): this write fails, nothing changed
-                    self._undo_allocations(plan.allocated)
+                    self._undo_plan(plan)
                     raise
                 buf[lo:hi] = piece
                 if zero and buf == self.zero_block:
@@ -200,10 +264,18 @@ class DataPath:
                     new = self.space.allocate() if self.space.free else self._allocate_grown()
                 except (PoolFull, MetadataFull):
                     if not plan.written:
-                        self._undo_allocations(plan.allocated)
+                        self._undo_plan(plan)
                         raise
                     break
+                if defer:
+                    self.space.reserve(new)
                 plan.allocated.append(new)
+                if copy is not None:
+                    self.space.pin(copy.src)
+                    plan.pinned.append(copy.src)
+                    copy.remap_index = len(plan.remap)
+                    plan.copies.append(copy)
+                    copy = None
                 if buf is not None:
                     plan.io.append((new * bs, buf))
                 elif zeroing and not self.data.is_hole(new):
@@ -252,6 +324,186 @@ class DataPath:
     def _undo_allocations(self, blocks: list[int]) -> None:
         for block in blocks:
             self.space.unallocate(block)
+
+    def _undo_plan(self, plan: WritePlan) -> None:
+        """Give back what a plan took: its allocations (reserved ones too) and pins."""
+        if plan.deferred:
+            for block in plan.allocated:
+                self.space.unreserve(block)
+        else:
+            self._undo_allocations(plan.allocated)
+        plan.allocated = []
+        self._unpin(plan.pinned)
+
+    def _unpin(self, blocks: list[int]) -> None:
+        unpin = self.space.unpin
+        for block in blocks:
+            unpin(block)
+        blocks.clear()
+
+    # --- direct mode: the same in steps, the I/O in a worker thread -----------------------
+
+    def plan_read(self, dev_id: int, offset: int, length: int) -> ReadJob:
+        """On the loop: the runs :meth:`run_read` will read; their blocks are pinned.
+
+        The caller must :meth:`finish_read` the job, whatever happens.
+        """
+        dev = self.device(dev_id)
+        if offset < 0 or length < 0:
+            raise InvalidArgument("negative offset or length")
+        job = ReadJob()
+        end = min(offset + length, dev.size)
+        bs = self.block_size
+        zero = memoryview(self.zero_block)
+        cursor = LeafCursor(dev.root)
+        segments, pinned, pin = job.segments, job.pinned, self.space.pin
+        run_pos = run_len = 0
+        vb = offset // bs
+        pos = offset
+        while pos < end:
+            lo = pos - vb * bs
+            hi = min(end - vb * bs, bs)
+            entry = cursor.entry(vb)
+            if entry == UNMAPPED:
+                if run_len:
+                    segments.append((run_pos, run_len))
+                    run_len = 0
+                segments.append(zero[: hi - lo])
+            else:
+                block = entry >> TIME_BITS
+                pin(block)
+                pinned.append(block)
+                phys = block * bs + lo
+                if run_len and run_pos + run_len == phys:
+                    run_len += hi - lo
+                else:
+                    if run_len:
+                        segments.append((run_pos, run_len))
+                    run_pos, run_len = phys, hi - lo
+            pos = (vb + 1) * bs
+            vb += 1
+        if run_len:
+            segments.append((run_pos, run_len))
+        return job
+
+    def run_read(self, job: ReadJob) -> bytes:
+        """In a worker thread: the reads (DataReadError on a media error)."""
+        read = self.data.read
+        parts = [read(0, *seg) if isinstance(seg, tuple) else seg for seg in job.segments]
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def finish_read(self, job: ReadJob) -> None:
+        """On the loop: the blocks read may be reused once freed."""
+        self._unpin(job.pinned)
+
+    def needs_reading(self, job: ReadJob) -> bool:
+        """Whether a read job reads the data at all (all holes: no thread needed)."""
+        return bool(job.pinned)
+
+    def tail_zeros(self, dev_id: int, offset: int) -> tuple[int, int] | None:
+        """Before a write at ``offset`` past the end in steps: the (offset, length) of
+        the zeros to write first over the rest of the last block (see _zero_tail),
+        written with ``prepare_write(..., grow=False)``; None if none."""
+        dev = self.device(dev_id)
+        bs = self.block_size
+        tail = dev.size % bs
+        if offset <= dev.size or not tail:
+            return None
+        leaf = Tree.leaf(dev.root, dev.size // bs // FANOUT)
+        if leaf is None or leaf.entries[dev.size // bs % FANOUT] == UNMAPPED:
+            return None
+        return dev.size, bs - tail
+
+    def prepare_write(self, dev_id: int, offset: int, data, grow: bool = True) -> WritePlan:
+        """On the loop: decide and allocate (reserved), pin the blocks under I/O.
+
+        The caller holds the cells of every virtual block the write touches,
+        has written :meth:`tail_zeros` first, runs :meth:`run_write` and then
+        :meth:`finish_write`, or :meth:`abandon_write` if run_write never ran.
+        """
+        dev = self.device(dev_id)
+        self._check_writable()
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        if offset + len(data) > MAX_VOLUME_SIZE:
+            raise InvalidArgument(f"write beyond the largest volume size ({MAX_VOLUME_SIZE} bytes)")
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)
+        block = self._in_place_block(dev, offset, data) if data else -1
+        if block >= 0:
+            self.space.pin(block)
+            plan = WritePlan(io=[(block * self.block_size + offset % self.block_size, data)],
+                             written=len(data), deferred=True, in_place=True, pinned=[block])
+        elif data:
+            plan = self._plan_write(dev, offset, data, defer=True)
+        else:
+            plan = WritePlan(deferred=True)
+        plan.dev, plan.offset, plan.grow = dev, offset, grow
+        return plan
+
+    def run_write(self, plan: WritePlan) -> None:
+        """In a worker thread: the copies' reads, the writes, the zero check.
+
+        Touches only the data store and the plan; an error is kept in the plan.
+        """
+        try:
+            io = plan.io
+            if plan.copies:
+                io = []
+                for pos, buf in plan.io:
+                    if isinstance(buf, Copy):
+                        block = bytearray(self.data.read(buf.src, 0, buf.size))
+                        block[buf.lo : buf.lo + len(buf.piece)] = buf.piece
+                        if buf.zero and block == self.zero_block:
+                            buf.became_zero = True  # unmapped instead (finish_write)
+                            continue
+                        buf = block
+                    io.append((pos, buf))
+            self._write_runs(io)
+            bs = self.block_size
+            for vb, block in plan.maybe_zero:
+                if self.data.read(block, 0, bs) == self.zero_block:
+                    plan.remap.append((vb, UNMAPPED))
+        except (OSError, PoolError) as exc:
+            plan.error = exc
+        finally:
+            plan.ran = True
+
+    def finish_write(self, plan: WritePlan) -> int:
+        """On the loop: apply the mappings (or undo, and raise what run_write met)."""
+        try:
+            if plan.io:
+                self.transaction.data_written = True  # (now: a FLUSH from here on covers it)
+            if plan.error is not None:
+                self._undo_plan(plan)
+                if isinstance(plan.error, OSError):
+                    raise self._data_write_error(plan.error) from None
+                raise plan.error
+            dev = plan.dev
+            if plan.in_place:
+                dev.mtime = wallclock.time()
+                return plan.written
+            for copy in plan.copies:
+                if copy.became_zero:
+                    plan.remap[copy.remap_index] = (copy.vb, UNMAPPED)
+            mapped = {new for _vb, new in plan.remap if new != UNMAPPED}
+            for block in plan.allocated:
+                if block in mapped:
+                    self.space.claim_reserved(block)
+                else:
+                    self.space.unreserve(block)
+            if not plan.grow:
+                plan.written = min(plan.written, max(dev.size - plan.offset, 0))
+            self._apply_write(dev, plan.offset, plan)
+            return plan.written
+        finally:
+            self._unpin(plan.pinned)
+
+    def abandon_write(self, plan: WritePlan) -> None:
+        """A prepared write whose run_write never ran (cancelled): nothing happened."""
+        self._undo_plan(plan)
 
     def _write_runs(self, io: list) -> None:
         i, n = 0, len(io)

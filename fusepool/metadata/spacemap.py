@@ -7,6 +7,14 @@ block freed in the running transaction is never reused before that
 transaction commits, because the last commit may still map it (dm-thin's
 rule); :meth:`committed` releases those blocks.  ``bytearray.find`` does the
 free-block search in C.
+
+Direct mode's data path runs its I/O in worker threads (plan -> I/O ->
+apply), so two more states exist there.  A *pinned* block is under I/O (read,
+or written in place): freed meanwhile, it stays unallocatable, even past the
+commit that frees it, until it is unpinned, so a stale read or write never meets another
+volume's data (the last unpin frees it then).  A *reserved* block is allocated to a write whose I/O is in
+flight: busy, but its count stays 0 until the write's mappings are in place,
+so a commit meanwhile stores it free (no leak if the write never lands).
 """
 
 from array import array
@@ -29,6 +37,8 @@ class DataSpaceMap:
         self.freed: list[int] = []  # freed in the running transaction
         self.dirty_pages: set[int] = set()
         self.cursor = 0
+        self.pins: dict[int, int] = {}  # data block -> I/O in flight on it (direct mode)
+        self.release_on_unpin: set[int] = set()  # freed by a durable commit while pinned
 
     def allocate(self) -> int:
         """A free block, now referenced once; raise :class:`PoolFull` if none."""
@@ -62,6 +72,37 @@ class DataSpaceMap:
         self.used -= 1
         self.free += 1
 
+    def reserve(self, block: int) -> None:
+        """A block just allocated for a write whose I/O is in flight: count 0, still busy."""
+        self.counts[block] = 0
+        self.used -= 1
+
+    def unreserve(self, block: int) -> None:
+        """A reserved block the write does not map after all (it failed, or unmapped instead)."""
+        self.busy[block] = 0
+        self.free += 1
+
+    def claim_reserved(self, block: int) -> None:
+        """The write's I/O is done and its mapping goes in now: referenced once."""
+        self.counts[block] = 1
+        self.used += 1
+        self.dirty_pages.add(block // COUNTS_PER_PAGE)
+
+    def pin(self, block: int) -> None:
+        """I/O on ``block`` is in flight: if freed, keep it from reuse until :meth:`unpin`."""
+        self.pins[block] = self.pins.get(block, 0) + 1
+
+    def unpin(self, block: int) -> None:
+        n = self.pins[block] - 1
+        if n:
+            self.pins[block] = n
+            return
+        del self.pins[block]
+        if block in self.release_on_unpin:  # the commit that freed it is durable: free now
+            self.release_on_unpin.discard(block)
+            self.busy[block] = 0
+            self.free += 1
+
     def inc(self, block: int) -> None:
         self.counts[block] += 1
         self.dirty_pages.add(block // COUNTS_PER_PAGE)
@@ -90,7 +131,10 @@ class DataSpaceMap:
 
     def release_freed(self, freed: list[int]) -> list[int]:
         """The commit that freed them is durable: make them allocatable (see committed)."""
-        released = [b for b in freed if self.counts[b] == 0]
+        counts, pins = self.counts, self.pins
+        released = [b for b in freed if counts[b] == 0 and b not in pins]
+        if pins:  # under I/O still: allocatable once unpinned
+            self.release_on_unpin.update(b for b in freed if counts[b] == 0 and b in pins)
         for block in released:
             self.busy[block] = 0
         self.free += len(released)
