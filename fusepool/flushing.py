@@ -1,15 +1,21 @@
-"""FLUSH and commit ordering, shared by every front end of one daemon (FUSE, NBD).
+"""FLUSH and commit ordering, and direct mode's I/O driver, shared by every front end
+of one daemon (FUSE, NBD).
 
 One ``Flusher`` per daemon: its ``lock`` (a fair ``trio.Lock``) lets FLUSHes and
 the daemon's commits run one at a time, in arrival order, whoever asked (a
 FUSE fsync, an NBD FLUSH or FUA write, the commit timer), so journal records
 land in the order their mappings were taken (docs/design.md, "Await points").
 The engine's FLUSH makes every write the daemon has received durable, whichever
-front end or connection it came through.
+front end or connection it came through.  In direct mode ``direct`` (one
+:class:`fusepool.directio.DirectIO`) is the one way both front ends read and
+write, so its bio prison and pins see every request.
 """
+
+import os
 
 import trio
 
+from fusepool.directio import DirectIO
 from fusepool.engine import Pool
 
 
@@ -17,6 +23,12 @@ class Flusher:
     def __init__(self, pool: Pool):
         self.pool = pool
         self.lock = trio.Lock()
+        self.direct: DirectIO | None = None
+        if pool.data.direct:
+            # (FUSEPOOL_DIRECT_INLINE_US=0: every I/O step in a thread; tests, tools/bench)
+            inline_us = os.environ.get("FUSEPOOL_DIRECT_INLINE_US", "")
+            self.direct = (DirectIO(pool, inline_below=int(inline_us) / 1e6) if inline_us.isdigit()
+                           else DirectIO(pool))
 
     async def flush(self) -> None:
         """dm-thin's FLUSH: every write received so far is durable when this returns.

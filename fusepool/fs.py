@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 import pyfuse3
 import trio
 
-from fusepool.directio import DirectIO
 from fusepool.engine import CONTROL_NAME, Pool
 from fusepool.errors import PoolError, PoolFull
 from fusepool.flushing import Flusher
@@ -85,19 +84,14 @@ class FusepoolOperations(pyfuse3.Operations):
         self.no_space_timeout = (pool.config.no_space_timeout if no_space_timeout is None
                                  else no_space_timeout)
         self.handles: dict[int, int] = {}  # fh -> dev_id
-        # Direct mode: reads and writes in worker threads, several at once (directio.py);
-        # loop mode: on the loop (the page cache is faster than a thread hand-off).
-        self.direct = None
-        if pool.data.direct:
-            # (FUSEPOOL_DIRECT_INLINE_US=0: every I/O step in a thread; tests, tools/bench)
-            inline_us = os.environ.get("FUSEPOOL_DIRECT_INLINE_US", "")
-            self.direct = (DirectIO(pool, inline_below=int(inline_us) / 1e6) if inline_us.isdigit()
-                           else DirectIO(pool))
         self.queued_writes = 0  # writes waiting for data space (queue mode)
         self.next_fh = 1
         self.initialised = trio.Event()
         # FLUSH/commit ordering, shared with the NBD server when the daemon runs both.
         self.flusher = flusher or Flusher(pool)
+        # Direct mode: reads and writes in worker threads, several at once (directio.py);
+        # loop mode: on the loop (the page cache is faster than a thread hand-off).
+        self.direct = self.flusher.direct
         self.flush_lock = self.flusher.lock
         self.uid = os.getuid()
         self.gid = os.getgid()

@@ -555,7 +555,10 @@ class Connection:
             if length > MAX_PAYLOAD:
                 raise InvalidArgument(f"read of {length} bytes: the limit is {MAX_PAYLOAD}")
             self._check(flags, CMD_FLAG_DF if self.structured else 0, offset, length, errno.EINVAL)
-            await self.reply_read(cookie, offset, pool.read(dev_id, offset, length))
+            direct = self.server.flusher.direct
+            data = (pool.read(dev_id, offset, length) if direct is None
+                    else await direct.read(dev_id, offset, length))
+            await self.reply_read(cookie, offset, data)
             return
         if kind == CMD_WRITE:
             self._check_writable()
@@ -567,7 +570,7 @@ class Connection:
         elif kind == CMD_TRIM:
             self._check_writable()
             self._check(flags, 0, offset, length, errno.EINVAL)
-            pool.discard(dev_id, offset, length)
+            await self.discard(offset, length)
         elif kind == CMD_WRITE_ZEROES:
             self._check_writable()
             self._check(flags, CMD_FLAG_NO_HOLE, offset, length, errno.ENOSPC)
@@ -594,7 +597,7 @@ class Connection:
         deadline = None
         while True:
             try:
-                self._write_all(offset, data)
+                await self._write_all(offset, data)
                 return
             except PoolFull:
                 if self.server.no_space_timeout <= 0:
@@ -605,10 +608,12 @@ class Connection:
                     raise
             await trio.sleep(0.05)
 
-    def _write_all(self, offset: int, data) -> None:
+    async def _write_all(self, offset: int, data) -> None:
+        direct = self.server.flusher.direct  # direct mode: its prison and pins, as for FUSE
         view = memoryview(data)
         while view:  # (the engine writes less only when the pool filled up part-way)
-            n = self.pool.write(self.dev_id, offset, view)
+            n = (self.pool.write(self.dev_id, offset, view) if direct is None
+                 else await direct.write(self.dev_id, offset, view))
             if not n:
                 raise PoolFull("pool is out of data space")
             view, offset = view[n:], offset + n
@@ -620,7 +625,7 @@ class Connection:
             bs = self.pool.block_size
             first, last = -(-offset // bs) * bs, end // bs * bs
             if first < last:
-                self.pool.discard(self.dev_id, first, last - first)
+                await self.discard(first, last - first)
                 edges = [(offset, first), (last, end)]
             else:
                 edges = [(offset, end)]
@@ -634,6 +639,16 @@ class Connection:
             await self.write(offset, zeros[:n])
             offset += n
             await trio.lowlevel.checkpoint()  # each chunk is its own engine call
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Unmap; in direct mode after the device's writes in flight (they would land on
+        blocks the discard frees)."""
+        direct = self.server.flusher.direct
+        if direct is None:
+            self.pool.discard(self.dev_id, offset, length)
+            return
+        async with direct.quiesce(self.dev_id):
+            self.pool.discard(self.dev_id, offset, length)
 
     def _mapped(self, vb: int) -> bool:
         leaf = Tree.leaf(self.pool.device(self.dev_id).root, vb // FANOUT)
