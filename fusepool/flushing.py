@@ -12,6 +12,7 @@ write, so its bio prison and pins see every request.
 """
 
 import os
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -29,6 +30,15 @@ class Flusher:
             inline_us = os.environ.get("FUSEPOOL_DIRECT_INLINE_US", "")
             self.direct = (DirectIO(pool, inline_below=int(inline_us) / 1e6) if inline_us.isdigit()
                            else DirectIO(pool))
+
+    @asynccontextmanager
+    async def quiesced(self, dev_id: int | None = None):
+        """Direct mode: no write of ``dev_id`` (None: of any device) in flight inside."""
+        if self.direct is None:
+            yield
+        else:
+            async with self.direct.quiesce(dev_id):
+                yield
 
     async def flush(self) -> None:
         """dm-thin's FLUSH: every write received so far is durable when this returns.

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import stat
-from contextlib import asynccontextmanager
 
 import pyfuse3
 import trio
@@ -140,14 +139,9 @@ class FusepoolOperations(pyfuse3.Operations):
     def _name(self, name: bytes) -> str:
         return os.fsdecode(name)
 
-    @asynccontextmanager
-    async def quiesced(self, dev_id: int | None = None):
+    def quiesced(self, dev_id: int | None = None):
         """Direct mode: no write of ``dev_id`` (None: of any device) in flight inside."""
-        if self.direct is None:
-            yield
-        else:
-            async with self.direct.quiesce(dev_id):
-                yield
+        return self.flusher.quiesced(dev_id)
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):

@@ -227,7 +227,7 @@ class Daemon:
         # and a kernel invalidation blocks in the kernel while a request is pending; a
         # daemon killed in that window could not exit (seen in the kill tests).
         if op in QUIESCE_OPS:
-            async with self.ops.quiesced():  # (every device: these commands are rare)
+            async with self.flusher.quiesced():  # (every device: these commands are rare)
                 return commands.run(self.pool, op, args)
         return commands.run(self.pool, op, args)
 
