@@ -28,6 +28,7 @@ from fusepool.mounts import find_mount, lazy_unmount, unescape_mount_path  # noq
 
 log = logging.getLogger(__name__)
 
+LOOP_FUSE_WORKERS = 8  # requests served at once in loop mode (a FLUSH must not stall the rest)
 DIRECT_FUSE_WORKERS = 16  # requests served at once in direct mode (2 x directio.IO_THREADS)
 # Control commands that change a device's mappings or existence: in direct mode they
 # wait for the writes in flight (dm-thin/LVM suspend a device to snapshot it).
@@ -153,11 +154,13 @@ class Daemon:
     def fuse_workers(self) -> int:
         """How many requests pyfuse3 may serve at once.
 
-        The engine serves one request at a time anyway, and a second worker task
-        only adds a hand-over per request (one worker: +15-25 % small-request IOPS,
-        docs/performance.md).  In queue mode a write may wait for space, and that
-        must not hold up every other request; in direct mode neither may a
-        request waiting for the device.
+        The engine serves one request at a time, but a FLUSH waits for its
+        fdatasyncs in a worker thread, and with one worker nothing else would be
+        read from /dev/fuse meanwhile: one volume's fsync would stall every other
+        volume (tools/bench-concurrency: 0.38 of the other jobs' IOPS with one
+        worker, 0.80 with eight; single-stream 4 KiB IOPS the same within noise,
+        docs/performance.md).  In queue mode a write may wait for space, and in
+        direct mode for the device: more workers still.
         """
         override = os.environ.get("FUSEPOOL_FUSE_WORKERS", "")  # (for tools/bench-concurrency)
         if override.isdigit() and int(override) > 0:
@@ -166,7 +169,7 @@ class Daemon:
             return 64
         # Direct mode: requests wait for the device in worker threads, and others are
         # served meanwhile (fusepool.directio).
-        return DIRECT_FUSE_WORKERS if self.ops.direct is not None else 1
+        return DIRECT_FUSE_WORKERS if self.ops.direct is not None else LOOP_FUSE_WORKERS
 
     async def _commit_timer(self) -> None:
         while True:
