@@ -62,6 +62,14 @@ class VolumeModel:
             pos = (vb + 1) * bs
         self.size = max(self.size, end)
 
+    def grow(self, size: int) -> None:
+        """Grow to ``size``: bytes between the old and the new end read as zeros."""
+        assert size >= self.size
+        block = self.blocks.get(self.size // self.bs)
+        if block is not None:
+            block[self.size % self.bs :] = bytes(self.bs - self.size % self.bs)
+        self.size = size
+
     def discard(self, offset: int, length: int) -> None:
         bs = self.bs
         first = (offset + bs - 1) // bs

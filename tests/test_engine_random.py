@@ -260,7 +260,7 @@ class RandomRun:
         else:
             size = model.size + self.rng.randint(0, 4 * self.bs)
         self.pool.resize(self.pool.volume(name).dev_id, size)
-        model.size = size
+        model.grow(size)
         self.log.append(f"resize {name!r} {size}")
 
     def op_rename(self) -> None:

@@ -289,13 +289,16 @@ class Workload:
         self.models = {n: m.clone() for n, m in committed.models.items()}
         self.ids = dict(committed.ids)
         # Uncommitted in-place overwrites that reached the disk are part of the pool now
-        # (check_image accepted them, sector by sector) -- including bytes past the end of a
-        # volume's last block that a lost write past the end left there, which growing the
-        # volume exposes (see test_growing_a_volume_after_a_crash_reads_zeros).
+        # (check_image accepted them, sector by sector).  Bytes past a volume's end that a
+        # lost write past the end left in its last block are not: they read as zeros, and
+        # growing the volume keeps them zeros (test_growing_a_volume_after_a_crash_reads_zeros).
         for name, m in self.models.items():
             dev = self.pool.volume(name)
             for vb, block, _ in self.pool.mappings(dev):
-                raw = self.pool.data.read(block, 0, BS)
+                raw = bytearray(self.pool.data.read(block, 0, BS))
+                end = m.size - vb * BS
+                if end < BS:
+                    raw[max(end, 0):] = bytes(BS - max(end, 0))
                 if vb not in m.blocks or m.blocks[vb] != raw:
                     m.blocks[vb] = bytearray(raw)
         self.log = []
@@ -462,7 +465,7 @@ class Workload:
         self.trace.append(f"resize {name} {size}")
         txn0 = self.pool.transaction_id
         self.pool.resize(self.pool.volume(name).dev_id, size)
-        self.models[name].size = size
+        self.models[name].grow(size)
         self.recorded(txn0)
 
     def op_rename(self) -> None:
