@@ -118,6 +118,7 @@ SEND_TIMEOUT = 60.0  # per reply: a client that stops reading is dropped
 MAX_CONNECTIONS = 64  # more at once are closed at once
 SMALL_REPLY = 256 << 10  # a reply up to this size is sent in one piece (copied once)
 ZERO_CHUNK = 1 << 20  # WRITE_ZEROES with NO_HOLE writes zeros this much at a time
+GATHER_RECEIVE = 128 << 10  # a write payload this big is received in pieces, joined once
 
 
 class ProtocolError(Exception):
@@ -129,14 +130,19 @@ class _Disconnected(Exception):
 
 
 class _Reader:
-    """Exact-size reads from a trio stream, buffered."""
+    """Exact-size reads from a trio stream, buffered.  ``before_wait`` (a coroutine function)
+    runs whenever a read must wait for the client: the connection sends its held replies."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, before_wait=None):
         self.stream = stream
         self.buffer = bytearray()
+        self.before_wait = before_wait
 
     async def exactly(self, n: int) -> bytes:
+        if len(self.buffer) < n and n >= GATHER_RECEIVE:
+            return await self._gathered(n)
         while len(self.buffer) < n:
+            await self._wait()
             chunk = await self.stream.receive_some(max(n - len(self.buffer), 256 << 10))
             if not chunk:
                 raise _Disconnected
@@ -144,6 +150,25 @@ class _Reader:
         data = bytes(self.buffer[:n])
         del self.buffer[:n]
         return data
+
+    async def _gathered(self, n: int) -> bytes:
+        """A big payload: its pieces joined once at the end (two copies, not four).  Memory
+        grows only as the data arrives: a header alone makes the server allocate nothing."""
+        pieces = [bytes(self.buffer)]
+        have = len(self.buffer)
+        self.buffer.clear()
+        while have < n:
+            await self._wait()
+            chunk = await self.stream.receive_some(min(n - have, 1 << 20))
+            if not chunk:
+                raise _Disconnected
+            pieces.append(chunk)
+            have += len(chunk)
+        return b"".join(pieces)
+
+    async def _wait(self) -> None:
+        if self.before_wait is not None:
+            await self.before_wait()
 
 
 def nbd_error(exc: BaseException) -> int:
@@ -313,13 +338,23 @@ class NbdServer:
 
 
 class Connection:
-    """The handshake, then the requests of one client (one at a time, in order)."""
+    """The handshake, then the requests of one client (one at a time, in order).
+
+    In transmission, replies are held while more requests wait in the receive
+    buffer and go out together when the next read would wait, or before
+    anything slow (a FLUSH, direct I/O): a client that keeps several requests
+    in flight gets their replies in one write, not one system call (and one
+    wake-up of the client) each.
+    """
 
     def __init__(self, server: NbdServer, stream):
         self.server = server
         self.pool = server.pool
         self.stream = stream
-        self.reader = _Reader(stream)
+        self.reader = _Reader(stream, before_wait=self.send_held)
+        self.hold_replies = False  # in transmission: hold replies until send_held
+        self.held: list[bytes] = []
+        self.held_size = 0
         self.structured = False
         self.no_zeroes = False
         self.meta_export: str | None = None  # the export the metadata contexts were chosen for
@@ -328,12 +363,28 @@ class Connection:
         self.name = ""
 
     async def send(self, *parts: bytes) -> None:
-        if len(parts) > 1 and sum(map(len, parts)) <= SMALL_REPLY:
-            parts = (b"".join(parts),)  # one syscall for a header and a small payload
+        self.held.extend(parts)
+        self.held_size += sum(map(len, parts))
+        if not self.hold_replies or self.held_size >= SMALL_REPLY:
+            await self.send_held()
+
+    async def send_held(self) -> None:
+        """Send the replies held so far: small ones joined into one write."""
+        parts, self.held, self.held_size = self.held, [], 0
+        if not parts:
+            return
         with trio.fail_after(SEND_TIMEOUT):
+            small: list[bytes] = []
             for part in parts:
-                if part:
-                    await self.stream.send_all(part)
+                if len(part) < SMALL_REPLY:
+                    small.append(part)
+                    continue
+                if small:
+                    await self.stream.send_all(b"".join(small))
+                    small = []
+                await self.stream.send_all(part)  # (a big read's data: not copied)
+            if small:
+                await self.stream.send_all(b"".join(small))
 
     async def run(self) -> None:
         try:
@@ -501,20 +552,26 @@ class Connection:
     # --- transmission -----------------------------------------------------------------------
 
     async def transmission(self) -> None:
+        self.hold_replies = True
         while True:
             magic, flags, kind, cookie, offset, length = struct.unpack(
                 ">IHHQQI", await self.reader.exactly(28))
             if magic != REQUEST_MAGIC:
+                await self.send_held()
                 raise ProtocolError(f"bad request magic {magic:#x}")
             if kind == CMD_DISC:
+                await self.send_held()  # (the replies to what came before it)
                 return
             payload = b""
             if kind == CMD_WRITE:
                 if length > MAX_PAYLOAD:  # its payload would have to be read to go on
                     await self.reply_error(kind, cookie, NBD_EINVAL,
                                            f"write of {length} bytes: the limit is {MAX_PAYLOAD}")
+                    await self.send_held()
                     raise ProtocolError(f"write payload of {length} bytes")
                 payload = await self.reader.exactly(length)
+            if kind == CMD_FLUSH or flags & CMD_FLAG_FUA or self.server.flusher.direct is not None:
+                await self.send_held()  # this one may take a while: don't hold earlier replies
             try:
                 await self.request(kind, flags, cookie, offset, length, payload)
             except PoolError as exc:
@@ -606,6 +663,7 @@ class Connection:
                     deadline = trio.current_time() + self.server.no_space_timeout
                 elif trio.current_time() >= deadline:
                     raise
+            await self.send_held()  # (while it waits for space)
             await trio.sleep(0.05)
 
     async def _write_all(self, offset: int, data) -> None:

@@ -500,6 +500,40 @@ def test_bad_requests_get_the_protocols_errors(served, structured):
     qemu_io(served.url("v"), "read -P 1 0 4k")  # served on
 
 
+def read_simple_replies(c: RawClient, expected: list[tuple[int, int]]) -> dict[int, bytes]:
+    """Simple replies for ``(cookie, read length or 0)``, in any order; cookie -> data."""
+    wanted = dict(expected)
+    got = {}
+    while len(got) < len(expected):
+        magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
+        assert magic == 0x67446698 and error == 0 and cookie in wanted and cookie not in got
+        got[cookie] = c.recv(wanted[cookie])
+    return got
+
+
+def test_pipelined_requests_are_all_answered(served):
+    """Requests sent back to back: replies are held while more requests are buffered and
+    go out together; none is lost, before a FLUSH, at the end of the data, or before DISC."""
+    def request(cookie, kind, offset, length, payload=b""):
+        return struct.pack(">IHHQQI", 0x25609513, 0, kind, cookie, offset, length) + payload
+
+    with RawClient(served.sock) as c:
+        c.go("v")
+        batch = b"".join(request(i, CMD_WRITE, i * 4096, 4096, bytes([i]) * 4096) for i in range(1, 65))
+        batch += request(100, CMD_FLUSH, 0, 0)  # in the middle: what came before is answered first
+        batch += b"".join(request(200 + i, CMD_READ, i * 4096, 4096) for i in range(1, 65))
+        c.sock.sendall(batch)
+        got = read_simple_replies(c, [(i, 0) for i in range(1, 65)] + [(100, 0)] +
+                                  [(200 + i, 4096) for i in range(1, 65)])
+        assert all(got[200 + i] == bytes([i]) * 4096 for i in range(1, 65))
+        # A batch that ends in DISC: its replies still come, then the server hangs up.
+        c.sock.sendall(request(300, CMD_WRITE, 0, 512, b"\x09" * 512) + request(301, CMD_READ, 0, 512)
+                       + request(302, CMD_DISC, 0, 0))
+        assert read_simple_replies(c, [(300, 0), (301, 512)])[301] == b"\x09" * 512
+        assert c.closed()
+    qemu_io(served.url("v"), "read -P 9 0 512", "read -P 2 8k 4k")
+
+
 def test_disconnect_mid_request_costs_nothing(served, tmp_path):
     for sent in (10, 28, 28 + 4096):  # inside the header, after it, inside the payload
         with RawClient(served.sock) as c:
