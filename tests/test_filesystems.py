@@ -167,8 +167,7 @@ def test_xfs_snapshot_then_reformat_origin(make_pool, make_mount, tmp_path):
 
 # --- a kernel filesystem on a loop device over a volume -----------------------------------------
 
-@pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="losetup and mount need root")
+@pytest.mark.root  # (losetup, mount)
 def test_loop_mounted_ext4_then_snapshot(make_pool, make_mount, tmp_path):
     require("losetup", "mkfs.ext4", "e2fsck")
     rng = random.Random(23)
