@@ -39,6 +39,7 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -978,3 +979,194 @@ def test_sigkill_during_entry_invalidation(make_pool, make_mount):
         kill_daemon(m)
         assert stuck is None, f"attempt {attempt + 1}: {stuck}"
         offline_check(pool)
+
+
+# --- test 5: SIGKILL of a daemon serving NBD ----------------------------------------------------
+
+NBD_ITERATIONS = 200 if SOAK else 12
+
+
+class NbdCrashWriter:
+    """One thread over NBD: a connection per volume it owns; writes (some FUA), FLUSHes and
+    snapshots.  Every write the daemon answered has reached it (NBD has no client cache), so
+    a FLUSH or a command's commit makes all of this thread's answered writes durable."""
+
+    def __init__(self, index: int, pool: str, sock: str, seed: int):
+        self.index, self.pool, self.sock = index, pool, sock
+        self.rng = random.Random(seed)
+        self.vols: dict[str, VolModel] = {}
+        self.conns: dict[str, object] = {}
+        self.inflight: tuple | None = None
+        self.error: str | None = None
+        self.ops: dict[str, int] = {}
+        self.serial = 0
+
+    def conn(self, name: str):
+        from fusepool.nbd_client import NbdVolume
+
+        if name not in self.conns:
+            self.conns[name] = NbdVolume(f"unix:{self.sock}", name)
+        return self.conns[name]
+
+    def close_all(self) -> None:
+        for c in self.conns.values():
+            with contextlib.suppress(Exception):
+                c.sock.close()
+        self.conns = {}
+
+    def everything_durable(self) -> None:
+        for vol in self.vols.values():
+            vol.make_durable()
+
+    def op_write(self, fua: bool = False) -> None:
+        vol = self.rng.choice(list(self.vols.values()))
+        offset, data = random_write(self.rng, vol.size)
+        vol.pending.append((offset, data))  # once sent, its bytes may be there
+        c = self.conn(vol.name)
+        if fua:  # NBD_CMD_WRITE with NBD_CMD_FLAG_FUA: durable when answered, no FLUSH
+            c.cookie += 1
+            c.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 1, 1, c.cookie, offset, len(data)) + data)
+            magic, error, cookie = struct.unpack(">IIQ", c._recv(16))
+            assert (magic, error, cookie) == (0x67446698, 0, c.cookie)
+        else:
+            c.write(offset, data)
+        vol.write(offset, data)
+        if fua:  # (the FUA write itself; earlier answered writes may still be pending)
+            vol.pending = [(o, d) for o, d in vol.pending if (o, d) != (offset, data)]
+            vol.durable[offset : offset + len(data)] = data
+
+    def op_write_fua(self) -> None:
+        self.op_write(fua=True)
+
+    def op_flush(self) -> None:
+        vol = self.rng.choice(list(self.vols.values()))
+        self.conn(vol.name).flush()
+        self.everything_durable()  # the engine's FLUSH covers every connection's answered writes
+
+    def op_snapshot(self) -> None:
+        snaps = [n for n in self.vols if "-s" in n]
+        if len(snaps) >= 3:  # remove one instead (its connection first: a clean removal)
+            name = self.rng.choice(snaps)
+            with contextlib.suppress(Exception):
+                self.conns.pop(name).close()
+            self.inflight = ("remove", name)
+            online_call(self.pool, "remove", {"name": name})
+            self.inflight = None
+            del self.vols[name]
+            self.everything_durable()
+            return
+        origin = self.rng.choice([v for n, v in self.vols.items() if "-s" not in n])
+        self.serial += 1
+        name = f"n{self.index}-s{self.serial}"
+        self.inflight = ("snapshot", name, bytes(origin.current))
+        online_call(self.pool, "snapshot", {"origin": origin.name, "name": name})
+        self.inflight = None
+        self.everything_durable()
+        self.vols[name] = VolModel(name, origin.size, origin.current)
+
+    def run(self, killing: threading.Event) -> None:
+        ops = [(self.op_write, 70), (self.op_write_fua, 5), (self.op_flush, 15), (self.op_snapshot, 4)]
+        funcs, weights = zip(*ops, strict=True)
+        try:
+            while True:
+                op = self.rng.choices(funcs, weights)[0]
+                op()
+                self.ops[op.__name__] = self.ops.get(op.__name__, 0) + 1
+        except Exception as exc:
+            if not killing.is_set():
+                self.error = f"writer {self.index}: {exc!r}\n{traceback.format_exc()}"
+            elif isinstance(exc, AssertionError):
+                self.error = f"writer {self.index}: {exc!r}"
+        finally:
+            self.close_all()
+
+    def verify(self, present: dict[str, int], problems: list[str]) -> int:
+        """After the crash: each volume reads its durable bytes or pending ones; bytes verified."""
+        inflight, self.inflight = self.inflight, None
+        if inflight and inflight[0] == "snapshot" and inflight[1] in present:
+            self.everything_durable()  # its commit made every answered write durable
+            self.vols[inflight[1]] = VolModel(inflight[1], len(inflight[2]), inflight[2])
+        elif inflight and inflight[0] == "remove" and inflight[1] not in present:
+            self.everything_durable()
+            del self.vols[inflight[1]]
+        verified = 0
+        for name, vol in sorted(self.vols.items()):
+            if present.get(name) != vol.size:
+                problems.append(f"{name}: size {present.get(name)} after the crash, expected {vol.size}")
+                continue
+            got = self.conn(name).read(0, vol.size)
+            bad, first, blocks = unexplained(got, vol.durable, vol.pending)
+            if bad:
+                problems.append(f"{name}: {bad} byte(s) read neither their durable value nor a "
+                                f"value written since; first at byte {first}: got "
+                                f"{got[first:first + 8].hex()}, durable "
+                                f"{bytes(vol.durable[first:first + 8]).hex()}; blocks {blocks}")
+            verified += len(got)
+            vol.current = bytearray(got)
+            vol.make_durable()
+        self.close_all()
+        return verified
+
+
+def test_kill_while_serving_nbd(make_pool, tmp_path):
+    """SIGKILL of `fusepool serve --nbd` under NBD writers: what FLUSH (or FUA) acknowledged and
+    what a returned command committed survive; nothing else appears; check is clean."""
+    import shutil
+    import tempfile
+
+    seed = int(os.environ.get("FUSEPOOL_SEED", "20261205"))
+    rng = random.Random(seed)
+    pool = make_pool("crash", *CRASH_POOL)
+    sockdir = tempfile.mkdtemp(prefix="fpcrash")  # (a unix socket path must fit in 108 bytes)
+    sock = os.path.join(sockdir, "s.sock")
+    writers = [NbdCrashWriter(i, str(pool), sock, seed * 100 + i) for i in range(N_WRITERS)]
+    pid = None
+
+    def serve() -> int:
+        run_fusepool("serve", pool, "--nbd", f"unix:{sock}", "--commit-period", rng.choice(["0.2", "5"]))
+        return control.request(str(pool), "status")["pid"]
+
+    verified = 0
+    problems: list[str] = []
+    try:
+        pid = serve()
+        for w in writers:
+            for k in range(2):
+                name = f"n{w.index}-v{k}"
+                size = rng.randint(MiB, 2 * MiB) + rng.choice([0, rng.randrange(BS)])
+                online_call(str(pool), "create", {"name": name, "size": size})
+                w.vols[name] = VolModel(name, size)
+        for it in range(NBD_ITERATIONS):
+            killing = threading.Event()
+            threads = [threading.Thread(target=w.run, args=(killing,), daemon=True) for w in writers]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.05, 0.5))
+            killing.set()
+            os.kill(pid, signal.SIGKILL)
+            assert wait_dead(pid) is None, f"iteration {it}: the daemon did not die"
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "a writer hangs after the kill"
+            errors = [w.error for w in writers if w.error]
+            assert not errors, "\n".join(errors)
+            offline_check(pool)  # no repair step: the last commit is clean
+            pid = serve()
+            present = {v["name"]: v["size"] for v in pool_call(str(pool), "list")}
+            for w in writers:
+                verified += w.verify(present, problems)
+            assert not problems, f"iteration {it} (seed {seed}):\n" + "\n".join(problems)
+    finally:
+        for w in writers:
+            w.close_all()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_dead(pid)
+        shutil.rmtree(sockdir, ignore_errors=True)
+        ops: dict[str, int] = {}
+        for w in writers:
+            for k, n in w.ops.items():
+                ops[k] = ops.get(k, 0) + n
+        write_report("test_kill_while_serving_nbd", iterations=NBD_ITERATIONS, verified_bytes=verified,
+                     seed=seed, ops=ops)
