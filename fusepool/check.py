@@ -49,7 +49,7 @@ from fusepool.metadata.format import (
 )
 from fusepool.metadata.journal import Journal, validate_record
 from fusepool.metadata.store import MetadataStore, read_superblocks
-from fusepool.metadata.tree import Node, Tree, WritableLeafCursor, height_for
+from fusepool.metadata.tree import Node, Tree, WritableLeafCursor, grown, height_for
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,7 @@ def _repair_locked(pool_dir: str, progress: Progress | None) -> list[str]:
         _replay_journal(pool_dir, chosen, state, roots, newest, said)
         pool_time = _repair_times(state, roots, sb.time, said)
         _cover_mappings(state, roots, sb.block_size, said)
+        _tall_enough(state, roots, sb.block_size, said)
         if sb.uuid != config.uuid:  # pool.json is the pool's identity (the journal is keyed by it)
             said.append(f"the metadata's uuid {sb.uuid} differed from pool.json's: set to {config.uuid}")
         # 3. Written as restore writes a pool (reference and mapped counts from the trees),
@@ -642,12 +643,15 @@ def _truncate_journal(pool_dir: str) -> None:
 
 def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
     """In-memory trees (all dirty) from what the checker read, dropping what it could not."""
-    built: dict[int, Node] = {}
 
-    def build(page_no: int) -> Node | None:
-        if page_no in built:
-            built[page_no].share += 1
-            return built[page_no]
+    # Keyed by page and position: a flipped child pointer can make two parents share a
+    # subtree at different virtual blocks, which no real tree does; each position gets its own copy.
+    built: dict[tuple[int, int], Node] = {}
+
+    def build(page_no: int, base: int) -> Node | None:
+        if (page_no, base) in built:
+            built[page_no, base].share += 1
+            return built[page_no, base]
         info = checker.nodes.get(page_no)
         if info is None:
             return None
@@ -657,8 +661,10 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
                 if entry != UNMAPPED and entry >> TIME_BITS >= checker.sb.nr_data_blocks:
                     node.entries[i] = UNMAPPED
         else:
-            node = Node(info.level, [build(c) if c else None for c in info.entries])
-        built[page_no] = node
+            span = FANOUT ** info.level
+            node = Node(info.level, [build(c, base + i * span) if c else None
+                                     for i, c in enumerate(info.entries)])
+        built[page_no, base] = node
         return node
 
     devices, roots = [], {}
@@ -673,7 +679,7 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
             dev = dict(dev, root=0)
             said.append(f"device {dev_id}: its root is unreadable; all its mappings are dropped")
         dev.setdefault("name", str(dev_id))
-        root = build(dev["root"]) if dev["root"] else None
+        root = build(dev["root"], 0) if dev["root"] else None
         if dev["root"] and root is None:
             said.append(f"dropped all mappings of device {dev['dev_id']} ({dev['name']}): "
                         "its root is unreadable")
@@ -725,6 +731,17 @@ def _cover_mappings(state: dict, roots: dict, block_size: int, said: list[str]) 
             said.append(f"device {dev['dev_id']} ({dev['name']}): grew from {dev['size']} to {end} "
                         "bytes to cover its mapped blocks")
             dev["size"] = end
+
+
+def _tall_enough(state: dict, roots: dict, block_size: int, said: list[str]) -> None:
+    """Give a tree too short for its device's size (a flipped level) the levels it lacks."""
+    for dev in state["devices"]:
+        root = roots.get(dev["dev_id"])
+        blocks = max(1, -(-dev["size"] // block_size))
+        if root is not None and root.level < height_for(blocks):
+            roots[dev["dev_id"]] = grown(root, blocks)
+            said.append(f"device {dev['dev_id']} ({dev['name']}): its tree of height {root.level} "
+                        f"grew to {height_for(blocks)} to address its {blocks} blocks")
 
 
 def _normalised_record(dev: dict) -> dict:

@@ -567,3 +567,26 @@ def test_flips_under_a_valid_checksum_never_crash(base, tmp_path):
     assert not failures, f"{sum(failures.values())} of {n_flips} forged flips broke something:\n" + "\n".join(
         f"  {n} x {stage}: {name} at {loc}: {detail}  (e.g. {examples[(stage, name, loc, detail)]})"
         for (stage, name, loc, detail), n in failures.most_common())
+
+
+@pytest.mark.parametrize("offset, problem", [
+    (6, "cannot address"),  # the big device's root says level 0: its tree is too short
+    (40, "mapped beyond the end"),  # a child pointer now names a small device's leaf
+], ids=["root-level", "child-pointer"])
+def test_repair_of_forged_flips_found_by_the_soak(base, tmp_path, offset, problem):
+    """Two flips under a valid checksum (page 9 of the base pool, bit 0) that the soak found
+    repair leaving unclean: a tree too short for its device, and a subtree shared by two
+    parents at different virtual blocks.  Repair grows the tree, and gives each position its
+    own copy of the subtree."""
+    trial = str(tmp_path / "trial")
+    make_trial(base, trial)
+    meta = os.path.join(trial, "metadata")
+    flip(meta, 9 * PAGE_SIZE + offset, 1)
+    _reseal(meta, base, 9)
+    before = check_pool(trial)
+    assert any(problem in p.message for p in before.problems), [p.message for p in before.problems]
+    repair(trial)
+    after = check_pool(trial)
+    assert after.ok, [p.message for p in after.problems]
+    with Pool.open(trial, readonly=True) as pool:
+        _read_everything(pool)

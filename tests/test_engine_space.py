@@ -109,6 +109,36 @@ def test_pool_full_short_write_does_not_grow_past_what_was_written(tmp_path):
         check_invariants(pool)
 
 
+def test_growing_a_volume_in_a_full_pool(tmp_path):
+    """Growing is a metadata change, as dm-thin's: it needs no data block, even when the
+    volume's partial last block is shared with a snapshot (its tail is zeros already).  Only
+    stale bytes past the end (a lost write past it, see test_powerloss) need that block
+    copied to zero them, and a full pool then refuses the resize whole."""
+    path = new_pool(tmp_path, data_size=4 * BS, metadata_size=1 * MiB)
+    with Pool.open(path) as pool:
+        v = pool.create_volume("v", BS + 1000)
+        pool.write(v.dev_id, 0, b"v" * (BS + 1000))
+        pool.snapshot("v", "s")  # block 1 (the partial one) is shared now
+        f = pool.create_volume("fill", 2 * BS)
+        pool.write(f.dev_id, 0, b"f" * 2 * BS)
+        assert pool.space.free == 0
+        pool.resize(v.dev_id, 3 * BS)
+        assert v.size == 3 * BS and pool.space.free == 0
+        assert pool.read(v.dev_id, BS, 2 * BS) == b"v" * 1000 + bytes(2 * BS - 1000)
+        # Stale bytes past the end of the shared block (as a crash leaves them): copying
+        # the block to zero them needs space; refused whole.
+        s = pool.volume("s")
+        block = mapping_of(pool, s)[1]
+        pool.data.write_one(block * BS + 1000, b"stale")
+        with pytest.raises(PoolFull):
+            pool.resize(s.dev_id, 2 * BS)
+        assert s.size == BS + 1000
+        pool.remove("fill")
+        pool.resize(s.dev_id, 2 * BS)
+        assert pool.read(s.dev_id, BS, BS) == b"v" * 1000 + bytes(BS - 1000)
+        check_invariants(pool)
+
+
 def test_extend_data_space(tmp_path):
     path = new_pool(tmp_path, data_size=8 * BS, metadata_size=1 * MiB)
     with Pool.open(path) as pool:

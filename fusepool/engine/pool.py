@@ -532,8 +532,9 @@ class Pool(Namespace, Transactions, DataPath, SpacePolicy, Statistics):
         if not tail:
             return
         leaf = Tree.leaf(dev.root, dev.size // bs // FANOUT)
-        if leaf is None or leaf.entries[dev.size // bs % FANOUT] == UNMAPPED:
-            return
+        entry = UNMAPPED if leaf is None else leaf.entries[dev.size // bs % FANOUT]
+        if entry == UNMAPPED or not any(self.data.read(entry >> TIME_BITS, tail, bs - tail)):
+            return  # (zeros already: no write, so no copy of a shared block, no space needed)
         size = dev.size
         self.write(dev.dev_id, size, bytes(bs - tail))
         dev.size = size  # the zeros are not part of the volume yet

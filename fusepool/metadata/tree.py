@@ -54,6 +54,18 @@ def height_for(nr_blocks: int) -> int:
     return level
 
 
+def grown(root: Node | None, nr_blocks: int) -> Node | None:
+    """``root`` with levels added on top until it addresses ``nr_blocks`` (the old root's
+    share count moves from its device to the new top)."""
+    if root is None:
+        return None
+    while FANOUT ** (root.level + 1) < nr_blocks:
+        top = Node(root.level + 1)
+        top.entries[0] = root
+        root = top
+    return root
+
+
 def pack(block: int, time: int) -> int:
     return (block << TIME_BITS) | (time & TIME_MASK)
 
@@ -129,13 +141,7 @@ class Tree:
 
     def grow(self, root: Node | None, nr_blocks: int) -> Node | None:
         """Add levels on top of ``root`` until it addresses ``nr_blocks``."""
-        if root is None:
-            return None
-        while FANOUT ** (root.level + 1) < nr_blocks:
-            top = Node(root.level + 1)
-            top.entries[0] = root  # root's share count moves from the device to `top`
-            root = top
-        return root
+        return grown(root, nr_blocks)
 
     def _dirty(self, node: Node) -> None:
         if node.page is not None:
