@@ -125,6 +125,24 @@ def test_bad_copy_is_refused_before_booting(kernel_vm, tmp_path, spec, error):
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("url, error", [
+    ("nbd+unix:///v?socket={tmp}/no.sock", "no unix socket at {tmp}/no.sock (is the NBD server running?)"),
+    ("nbd+unix:///v?socket={tmp}/file:ro", "no unix socket at {tmp}/file (is the NBD server running?)"),
+    ("nbd+unix:///v", "expected nbd+unix:///NAME?socket=PATH"),
+    ("nbd:///v", "expected nbd://HOST[:PORT]/NAME"),
+    ("nbd://localhost:port/v", "bad port"),
+])
+def test_bad_nbd_disk_is_refused_before_booting(kernel_vm, tmp_path, url, error):
+    (tmp_path / "file").write_text("not a socket\n")
+    script = tmp_path / "s.sh"
+    script.write_text("exit 0\n")
+    url, error = url.format(tmp=tmp_path), error.format(tmp=tmp_path)
+    proc = subprocess.run([*kernel_vm, "run", "--script", str(script), "--disk", url],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"kernel-vm: --disk {url.removesuffix(':ro')}: {error}\n", proc.stderr
+
+
 def test_timeout_kills_the_vm(kernel_vm, tmp_path):
     started = time.monotonic()
     proc = vm_run(kernel_vm, tmp_path, "sleep 1000\n", timeout=5, expect_status=124)
