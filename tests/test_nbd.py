@@ -319,6 +319,29 @@ def test_serve_refusals(pool, make_served, sockdir, tmp_path):
     served.stop()
 
 
+def test_a_relative_socket_path_is_where_the_command_ran(pool, make_mount, sockdir, checked_pools):
+    """`serve` and `mount --nbd` with `unix:REL`: the socket is made in the caller's directory
+    (the daemon itself runs in /)."""
+    checked_pools.append(pool)
+    run_fusepool("create", pool, "v", "--size", "4M")
+    run_fusepool("serve", pool, "--nbd", "unix:rel.sock", cwd=sockdir)
+    try:
+        assert (sockdir / "rel.sock").is_socket()
+        assert control.request(str(pool), "status")["nbd"] == [f"unix:{sockdir / 'rel.sock'}"]
+        qemu_io(f"nbd+unix:///v?socket={sockdir / 'rel.sock'}", "write -P 4 0 4k", "read -P 4 0 4k")
+    finally:
+        run_fusepool("stop", pool)
+    assert not (sockdir / "rel.sock").exists()
+    old = os.getcwd()
+    os.chdir(sockdir)  # (make_mount runs the CLI from here)
+    try:
+        make_mount(pool, "--nbd", "unix:m.sock")
+    finally:
+        os.chdir(old)
+    assert (sockdir / "m.sock").is_socket()
+    qemu_io(f"nbd+unix:///v?socket={sockdir / 'm.sock'}", "read -P 4 0 4k")
+
+
 def test_tcp_loopback_by_default(pool, make_served):
     run_fusepool("create", pool, "v", "--size", "8M")
     make_served(pool, "--nbd", "tcp::0")

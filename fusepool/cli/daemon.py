@@ -33,6 +33,10 @@ def mount(a) -> None:
     pool_dir = os.path.abspath(a.pool)
     mountpoint = os.path.abspath(a.mountpoint)
     dispatch.require_pool(pool_dir)
+    if a.nbd:
+        from fusepool.nbd import describe, parse_address
+
+        a.nbd = [describe(parse_address(address)) for address in a.nbd]  # (as serve's)
     refuse_if_served(pool_dir)
     if a.foreground:
         return run_foreground(pool_dir, mountpoint, a)

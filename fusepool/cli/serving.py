@@ -13,10 +13,11 @@ from fusepool.errors import DaemonTimeout, NotMounted, PoolError
 def serve(a) -> None:
     pool_dir = os.path.abspath(a.pool)
     dispatch.require_pool(pool_dir)
-    from fusepool.nbd import parse_address
+    from fusepool.nbd import describe, parse_address
 
-    for address in a.nbd:  # a usage error here, before a daemon is started
-        parse_address(address)
+    # A usage error here, before a daemon is started; a relative unix path made absolute
+    # here, where it was meant (the daemon runs in /).
+    a.nbd = [describe(parse_address(address)) for address in a.nbd]
     refuse_if_served(pool_dir)
     if a.foreground:
         return run_foreground(pool_dir, a)
