@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # A mount that is expected to fail: print fusepool's stderr, then check that it was one line,
 # the exit status 1, nothing mounted and the pool not left locked (create works after it).
 fusepool init pool --data-size 1G >/dev/null && mkdir -p mnt

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # No /dev/fuse: serve the pool over NBD and use it with qemu-io, qemu-img and nbdinfo.
 set -e
 if [ -e /dev/fuse ]; then echo "/dev/fuse is here: this recipe is for containers without it"; exit 1; fi

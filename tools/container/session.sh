@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # README's session, run inside a container by tools/container-recipes (sh, cwd writable).
 set -e
 fusepool init pool --data-size 1G && mkdir -p mnt && fusepool mount pool mnt
