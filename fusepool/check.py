@@ -645,8 +645,12 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
     """In-memory trees (all dirty) from what the checker read, dropping what it could not."""
 
     # Keyed by page and position: a flipped child pointer can make two parents share a
-    # subtree at different virtual blocks, which no real tree does; each position gets its own copy.
+    # subtree at different virtual blocks, which no real tree does; each position gets its own
+    # copy.  Copies are capped at the number of pages read (forged sharing could otherwise ask
+    # for one per block of the virtual space); past the cap such a reference is dropped.
     built: dict[tuple[int, int], Node] = {}
+    placed: set[int] = set()
+    copies = {"left": len(checker.nodes), "dropped": 0}
 
     def build(page_no: int, base: int) -> Node | None:
         if (page_no, base) in built:
@@ -655,6 +659,12 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
         info = checker.nodes.get(page_no)
         if info is None:
             return None
+        if page_no in placed:
+            if not copies["left"]:
+                copies["dropped"] += 1
+                return None
+            copies["left"] -= 1
+        placed.add(page_no)
         if info.level == 0:
             node = Node(0, array("Q", info.entries))
             for i, entry in enumerate(node.entries):
@@ -689,6 +699,9 @@ def _rebuild(checker: Checker, said: list[str]) -> tuple[dict, dict]:
                         "those ranges now read as zeros")
         devices.append(_normalised_record(dev))
         roots[dev["dev_id"]] = root
+    if copies["dropped"]:
+        said.append(f"{copies['dropped']} reference(s) to subtrees already placed elsewhere dropped "
+                    "(damaged pointers); those ranges now read as zeros")
     state = dict(checker.state)
     state["devices"] = devices
     return state, roots

@@ -118,6 +118,7 @@ SEND_TIMEOUT = 60.0  # per reply: a client that stops reading is dropped
 MAX_CONNECTIONS = 64  # more at once are closed at once
 SMALL_REPLY = 256 << 10  # a reply up to this size is sent in one piece (copied once)
 ZERO_CHUNK = 1 << 20  # WRITE_ZEROES with NO_HOLE writes zeros this much at a time
+YIELD_EVERY = 16  # requests served from the receive buffer between yields to other tasks
 GATHER_RECEIVE = 128 << 10  # a write payload this big is received in pieces, joined once
 
 
@@ -553,7 +554,13 @@ class Connection:
 
     async def transmission(self) -> None:
         self.hold_replies = True
+        served = 0
         while True:
+            served += 1
+            if served % YIELD_EVERY == 0:
+                # Requests taken from the buffer and held replies never wait, so nothing else
+                # would yield: one busy client must not keep the other clients and FUSE waiting.
+                await trio.lowlevel.checkpoint()
             magic, flags, kind, cookie, offset, length = struct.unpack(
                 ">IHHQQI", await self.reader.exactly(28))
             if magic != REQUEST_MAGIC:

@@ -330,6 +330,16 @@ def online_call(pool: str, op: str, args: dict):
     return control.request(pool, op, args)
 
 
+def writer_error(index: int, exc: Exception, killing: threading.Event) -> str | None:
+    """What a writer thread's exception means: any failure before the kill is an error;
+    after it only a failed check is (the daemon's death breaks every call)."""
+    if not killing.is_set():
+        return f"writer {index}: {exc!r}\n{traceback.format_exc()}"
+    if isinstance(exc, AssertionError):
+        return f"writer {index}: {exc!r}"
+    return None
+
+
 class CrashWriter:
     """One thread's workload on volumes it owns: writes, fsyncs and namespace commands.
 
@@ -406,10 +416,7 @@ class CrashWriter:
                     getattr(self, "op_" + op)()
                 self.ops[op] += 1
         except Exception as exc:
-            if not killing.is_set():
-                self.error = f"writer {self.index}: {exc!r}\n{traceback.format_exc()}"
-            elif isinstance(exc, AssertionError):
-                self.error = f"writer {self.index}: {exc!r}"
+            self.error = writer_error(self.index, exc, killing)
         finally:
             self.close_all()
 
@@ -1073,10 +1080,7 @@ class NbdCrashWriter:
                 op()
                 self.ops[op.__name__] = self.ops.get(op.__name__, 0) + 1
         except Exception as exc:
-            if not killing.is_set():
-                self.error = f"writer {self.index}: {exc!r}\n{traceback.format_exc()}"
-            elif isinstance(exc, AssertionError):
-                self.error = f"writer {self.index}: {exc!r}"
+            self.error = writer_error(self.index, exc, killing)
         finally:
             self.close_all()
 

@@ -104,3 +104,26 @@ def test_write_new_never_overwrites_and_leaves_nothing_when_it_fails(tmp_path):
         MetadataStore.write_new(meta, uuid=uuid, transaction_id=1, time=0, block_size=BS,
                                 nr_data_blocks=NR_BLOCKS, nr_meta_pages=3)
     assert not os.path.exists(meta)
+
+
+def test_repair_of_forged_sharing_at_every_position_is_bounded(tmp_path):
+    """A forged tree whose root names one level-1 node 512 times, which names one leaf 512
+    times: the leaf sits at 262,144 virtual positions.  Repair copies a subtree reached at a
+    second position only up to the number of pages it read (else ~1 GiB of leaf copies) and
+    drops the rest; the repaired pool checks clean."""
+    from fusepool.check import repair
+
+    path, uuid = empty_pool(tmp_path)
+    lf = leaf({0: (1, 0)})
+    middle = Node(1, [lf] * FANOUT)
+    root = Node(2, [middle] * FANOUT)
+    lf.share, middle.share = FANOUT, FANOUT
+    write(path, uuid, {"next_dev_id": 2, "devices": [record(1, "v", FANOUT * FANOUT)]}, {1: root})
+    assert not check_pool(path).ok  # one block mapped at 262,144 virtual blocks
+    said = repair(path)
+    assert any("already placed elsewhere dropped" in line for line in said), said
+    assert check_pool(path).ok
+    with Pool.open(path, readonly=True) as pool:
+        v = pool.volume("v")
+        assert v.mapped_blocks <= 4
+        assert len(pool.read(v.dev_id, 0, 4 * BS)) == 4 * BS
